@@ -1,0 +1,421 @@
+"""Trust bundles: the X.509 authorities and JWT keys that a trust domain's SVIDs verify against.
+
+- :class:`X509Bundle` holds one trust domain's X.509 roots (PEM or concatenated DER).
+- :class:`JWTBundle` holds one trust domain's JWT signing keys by key ID (a standard JWKS, as the
+  Workload API's ``FetchJWTBundles`` sends it).
+- :class:`SpiffeBundle` is both plus ``spiffe_sequence`` and ``spiffe_refresh_hint``, in the SPIFFE
+  bundle format (a JWKS whose keys carry ``use`` ``x509-svid`` or ``jwt-svid``), as bundle
+  endpoints and the control plane exchange it.
+- :class:`BundleSet` maps trust domains to their bundles; it is how a verifier finds the bundle of
+  an SVID's own trust domain, and it reads and writes SPIFFE bundle maps.
+
+Bundles of different trust domains are never merged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Protocol, TypeAlias
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import Store
+
+from spiffecore.der import dump_der_certificates, dump_pem_certificates, load_der_certificates
+from spiffecore.errors import BundleError, BundleNotFoundError, SpiffeIDError
+from spiffecore.spiffeid import TrustDomain
+
+JWTPublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+X509_SVID_USE: Final = "x509-svid"
+JWT_SVID_USE: Final = "jwt-svid"
+_KNOWN_KTY: Final = frozenset({"EC", "RSA", "OKP"})
+
+
+class X509BundleSource(Protocol):
+    """Anything that can hand out the X.509 bundle of a trust domain."""
+
+    def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle:
+        """Return the bundle of ``trust_domain`` or raise :class:`BundleNotFoundError`."""
+        ...
+
+
+class JWTBundleSource(Protocol):
+    """Anything that can hand out the JWT bundle of a trust domain."""
+
+    def jwt_bundle_for(self, trust_domain: TrustDomain) -> JWTBundle:
+        """Return the bundle of ``trust_domain`` or raise :class:`BundleNotFoundError`."""
+        ...
+
+
+def _not_found(kind: str, trust_domain: TrustDomain) -> BundleNotFoundError:
+    return BundleNotFoundError(f"no {kind} bundle for trust domain", trust_domain.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class X509Bundle:
+    """The X.509 authorities (roots) of one trust domain."""
+
+    trust_domain: TrustDomain
+    authorities: tuple[x509.Certificate, ...] = ()
+    _store: Store | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.authorities:
+            object.__setattr__(self, "_store", Store(list(self.authorities)))
+
+    @classmethod
+    def load_pem(cls, trust_domain: TrustDomain, data: bytes) -> X509Bundle:
+        """Parse PEM certificates (a ``bundle.pem``). An input with no certificate is an error."""
+        try:
+            authorities = tuple(x509.load_pem_x509_certificates(data))
+        except ValueError as err:
+            raise BundleError(f"could not parse X.509 authorities from PEM ({err})", trust_domain.name) from err
+        return cls(trust_domain=trust_domain, authorities=authorities)
+
+    @classmethod
+    def load_der(cls, trust_domain: TrustDomain, data: bytes) -> X509Bundle:
+        """Parse concatenated DER certificates, the Workload API's bundle form (may be empty)."""
+        try:
+            authorities = load_der_certificates(data)
+        except ValueError as err:
+            raise BundleError(f"could not parse X.509 authorities from DER ({err})", trust_domain.name) from err
+        return cls(trust_domain=trust_domain, authorities=authorities)
+
+    def pem(self) -> bytes:
+        return dump_pem_certificates(self.authorities)
+
+    def der(self) -> bytes:
+        return dump_der_certificates(self.authorities)
+
+    def store(self) -> Store:
+        """The authorities as a verification store, built once with the bundle.
+
+        Raises :class:`BundleError` for an empty bundle: nothing of this trust domain can verify.
+        """
+        if self._store is None:
+            raise BundleError("bundle has no X.509 authorities", self.trust_domain.name)
+        return self._store
+
+    def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle:
+        if trust_domain != self.trust_domain:
+            raise _not_found("X.509", trust_domain)
+        return self
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JWTBundle:
+    """The JWT signing keys of one trust domain, by key ID."""
+
+    trust_domain: TrustDomain
+    authorities: Mapping[str, JWTPublicKey] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        keys = dict(self.authorities)
+        for kid, key in keys.items():
+            if not kid:
+                raise BundleError("JWT authority key ID must not be empty", self.trust_domain.name)
+            if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise BundleError("JWT authority key must be an EC or RSA public key", kid)
+        object.__setattr__(self, "authorities", MappingProxyType(keys))
+
+    @classmethod
+    def load_jwks(cls, trust_domain: TrustDomain, data: bytes | str) -> JWTBundle:
+        """Parse a JWKS (standard, or a SPIFFE bundle whose non-JWT keys are ignored)."""
+        document = _load_json(data, trust_domain)
+        keys = _jwks_keys(document, trust_domain)
+        authorities: dict[str, JWTPublicKey] = {}
+        for index, entry in enumerate(keys):
+            if not _usable(entry) or entry.get("use", JWT_SVID_USE) != JWT_SVID_USE:
+                continue
+            _add_jwt_authority(authorities, index, entry, trust_domain)
+        return cls(trust_domain=trust_domain, authorities=authorities)
+
+    def jwks(self) -> bytes:
+        """A standard JWKS (no ``use``), as the Workload API's ``FetchJWTBundles`` sends it."""
+        keys = [_jwk(key) | {"kid": kid} for kid, key in self.authorities.items()]
+        return json.dumps({"keys": keys}, separators=(",", ":")).encode()
+
+    def find(self, kid: str) -> JWTPublicKey:
+        """The key with ID ``kid``, or :class:`BundleNotFoundError`."""
+        try:
+            return self.authorities[kid]
+        except KeyError:
+            raise BundleNotFoundError(
+                f"no JWT authority with this key ID in trust domain {self.trust_domain.name!r}", kid
+            ) from None
+
+    def jwt_bundle_for(self, trust_domain: TrustDomain) -> JWTBundle:
+        if trust_domain != self.trust_domain:
+            raise _not_found("JWT", trust_domain)
+        return self
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpiffeBundle:
+    """A trust domain's X.509 and JWT authorities with their sequence number and refresh hint."""
+
+    x509: X509Bundle
+    jwt: JWTBundle
+    sequence: int | None = None
+    refresh_hint: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.x509.trust_domain != self.jwt.trust_domain:
+            raise BundleError(
+                f"X.509 and JWT parts belong to different trust domains ({self.jwt.trust_domain})",
+                self.x509.trust_domain.name,
+            )
+        for name in ("sequence", "refresh_hint"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise BundleError(f"{name} must be a non-negative integer", value)
+
+    @classmethod
+    def create(
+        cls,
+        trust_domain: TrustDomain,
+        *,
+        x509_authorities: Iterable[x509.Certificate] = (),
+        jwt_authorities: Mapping[str, JWTPublicKey] | None = None,
+        sequence: int | None = None,
+        refresh_hint: int | None = None,
+    ) -> SpiffeBundle:
+        return cls(
+            x509=X509Bundle(trust_domain=trust_domain, authorities=tuple(x509_authorities)),
+            jwt=JWTBundle(trust_domain=trust_domain, authorities=dict(jwt_authorities or {})),
+            sequence=sequence,
+            refresh_hint=refresh_hint,
+        )
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self.x509.trust_domain
+
+    @classmethod
+    def parse(cls, trust_domain: TrustDomain, data: bytes | str) -> SpiffeBundle:
+        """Parse a SPIFFE bundle (JWKS with ``use`` per key) for ``trust_domain``."""
+        return cls._from_document(trust_domain, _load_json(data, trust_domain))
+
+    @classmethod
+    def _from_document(cls, trust_domain: TrustDomain, document: object) -> SpiffeBundle:
+        keys = _jwks_keys(document, trust_domain)
+        assert isinstance(document, dict)
+        x509_authorities: list[x509.Certificate] = []
+        jwt_authorities: dict[str, JWTPublicKey] = {}
+        for index, entry in enumerate(keys):
+            if not _usable(entry):
+                continue
+            use = entry.get("use")
+            if use == X509_SVID_USE:
+                certificate = _x5c_certificate(index, entry, trust_domain)
+                if certificate is not None:
+                    x509_authorities.append(certificate)
+            elif use == JWT_SVID_USE:
+                _add_jwt_authority(jwt_authorities, index, entry, trust_domain)
+        return cls.create(
+            trust_domain,
+            x509_authorities=x509_authorities,
+            jwt_authorities=jwt_authorities,
+            sequence=_optional_int(document, "spiffe_sequence", trust_domain),
+            refresh_hint=_optional_int(document, "spiffe_refresh_hint", trust_domain),
+        )
+
+    def to_document(self, *, include_refresh_hint: bool = True) -> dict[str, Any]:
+        """The bundle as a JSON-ready dict (the refresh hint may be left out, as in bundle maps)."""
+        keys: list[dict[str, Any]] = []
+        for certificate in self.x509.authorities:
+            der = certificate.public_bytes(Encoding.DER)
+            keys.append(_jwk(certificate.public_key()) | {"use": X509_SVID_USE, "x5c": [base64.b64encode(der).decode()]})
+        for kid, key in self.jwt.authorities.items():
+            keys.append(_jwk(key) | {"use": JWT_SVID_USE, "kid": kid})
+        document: dict[str, Any] = {"keys": keys}
+        if self.sequence is not None:
+            document["spiffe_sequence"] = self.sequence
+        if include_refresh_hint and self.refresh_hint is not None:
+            document["spiffe_refresh_hint"] = self.refresh_hint
+        return document
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_document(), separators=(",", ":")).encode()
+
+    def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle:
+        return self.x509.x509_bundle_for(trust_domain)
+
+    def jwt_bundle_for(self, trust_domain: TrustDomain) -> JWTBundle:
+        return self.jwt.jwt_bundle_for(trust_domain)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleSet:
+    """The bundles of several trust domains, one each, looked up by trust domain."""
+
+    bundles: Mapping[TrustDomain, SpiffeBundle]
+
+    def __post_init__(self) -> None:
+        bundles = dict(self.bundles)
+        for trust_domain, bundle in bundles.items():
+            if bundle.trust_domain != trust_domain:
+                raise BundleError(f"bundle of {bundle.trust_domain} filed under another trust domain", trust_domain.name)
+        object.__setattr__(self, "bundles", MappingProxyType(bundles))
+
+    @classmethod
+    def of(cls, *bundles: SpiffeBundle) -> BundleSet:
+        """A set of ``bundles``; two bundles of the same trust domain are an error."""
+        mapping: dict[TrustDomain, SpiffeBundle] = {}
+        for bundle in bundles:
+            if bundle.trust_domain in mapping:
+                raise BundleError("duplicate bundle for trust domain", bundle.trust_domain.name)
+            mapping[bundle.trust_domain] = bundle
+        return cls(mapping)
+
+    @classmethod
+    def parse_map(cls, data: bytes | str) -> BundleSet:
+        """Parse a SPIFFE bundle map, ``{"trust_domains": {"<td>": <bundle>, ...}}``.
+
+        Duplicate trust domain keys are rejected, as the specification requires of consumers.
+        """
+        document = _load_json(data, None)
+        if not isinstance(document, dict) or not isinstance(document.get("trust_domains"), dict):
+            raise BundleError('bundle map must be an object with a "trust_domains" object')
+        mapping: dict[TrustDomain, SpiffeBundle] = {}
+        for name, bundle_document in document["trust_domains"].items():
+            try:
+                trust_domain = TrustDomain.parse(name)
+            except SpiffeIDError as err:
+                raise BundleError(f"bundle map key is not a trust domain ({err.rule})", name) from err
+            if trust_domain in mapping:
+                raise BundleError("duplicate trust domain in bundle map", name)
+            mapping[trust_domain] = SpiffeBundle._from_document(trust_domain, bundle_document)
+        return cls(mapping)
+
+    def to_map_json(self) -> bytes:
+        """The set as a SPIFFE bundle map (refresh hints omitted, as the specification advises)."""
+        trust_domains = {
+            td.name: self.bundles[td].to_document(include_refresh_hint=False) for td in sorted(self.bundles)
+        }
+        return json.dumps({"trust_domains": trust_domains}, separators=(",", ":")).encode()
+
+    def get(self, trust_domain: TrustDomain) -> SpiffeBundle:
+        try:
+            return self.bundles[trust_domain]
+        except KeyError:
+            raise _not_found("SPIFFE", trust_domain) from None
+
+    def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle:
+        bundle = self.bundles.get(trust_domain)
+        if bundle is None:
+            raise _not_found("X.509", trust_domain)
+        return bundle.x509
+
+    def jwt_bundle_for(self, trust_domain: TrustDomain) -> JWTBundle:
+        bundle = self.bundles.get(trust_domain)
+        if bundle is None:
+            raise _not_found("JWT", trust_domain)
+        return bundle.jwt
+
+    def with_bundle(self, bundle: SpiffeBundle) -> BundleSet:
+        """A copy with ``bundle`` added, or replacing the bundle of its trust domain."""
+        return BundleSet({**self.bundles, bundle.trust_domain: bundle})
+
+    def __iter__(self) -> Iterator[TrustDomain]:
+        return iter(self.bundles)
+
+    def __len__(self) -> int:
+        return len(self.bundles)
+
+    def __contains__(self, trust_domain: object) -> bool:
+        return trust_domain in self.bundles
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BundleError("duplicate key in JSON object", key)
+        result[key] = value
+    return result
+
+
+def _load_json(data: bytes | str, trust_domain: TrustDomain | None) -> object:
+    where = trust_domain.name if trust_domain is not None else f"{len(data)} bytes"
+    try:
+        return json.loads(data, object_pairs_hook=_reject_duplicate_keys)
+    except BundleError:
+        raise
+    except (ValueError, RecursionError) as err:
+        raise BundleError(f"could not parse JSON ({err})", where) from err
+
+
+def _jwks_keys(document: object, trust_domain: TrustDomain) -> list[Any]:
+    if not isinstance(document, dict):
+        raise BundleError("bundle must be a JSON object", trust_domain.name)
+    keys = document.get("keys")
+    if not isinstance(keys, list):
+        raise BundleError('bundle must have a "keys" array', trust_domain.name)
+    return keys
+
+
+def _usable(entry: object) -> bool:
+    """Entries that are not objects, or whose ``kty`` is missing or unknown, are ignored (spec 4.2)."""
+    return isinstance(entry, dict) and entry.get("kty") in _KNOWN_KTY
+
+
+def _optional_int(document: dict[str, Any], name: str, trust_domain: TrustDomain) -> int | None:
+    value = document.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BundleError(f"{name} of {trust_domain.name} must be a non-negative integer", value)
+    return value
+
+
+def _x5c_certificate(index: int, entry: dict[str, Any], trust_domain: TrustDomain) -> x509.Certificate | None:
+    """The first ``x5c`` certificate of an x509-svid entry; entries with no ``x5c`` are ignored."""
+    chain = entry.get("x5c")
+    if not chain:
+        return None
+    if not isinstance(chain, list) or not isinstance(chain[0], str):
+        raise BundleError(f"x509-svid entry {index} of {trust_domain.name}: x5c must be an array of strings", chain)
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+    except (ValueError, binascii.Error) as err:
+        raise BundleError(f"x509-svid entry {index} of {trust_domain.name}: could not parse x5c certificate ({err})", chain[0]) from err
+
+
+def _add_jwt_authority(
+    authorities: dict[str, JWTPublicKey], index: int, entry: dict[str, Any], trust_domain: TrustDomain
+) -> None:
+    where = f"jwt-svid entry {index} of {trust_domain.name}"
+    kid = entry.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise BundleError(f"{where}: key ID (kid) must be set")
+    if kid in authorities:
+        raise BundleError(f"{where}: duplicate key ID", kid)
+    if entry.get("kty") not in {"EC", "RSA"}:
+        raise BundleError(f"{where}: key type must be EC or RSA", entry.get("kty"))
+    try:
+        key = jwt.PyJWK(entry).key
+    except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as err:
+        raise BundleError(f"{where}: could not parse key ({err})", kid) from err
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise BundleError(f"{where}: key must be a public key", kid)
+    authorities[kid] = key
+
+
+def _jwk(key: object) -> dict[str, Any]:
+    """A public key as JWK members (``kty`` and the key's parameters)."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+    if isinstance(key, rsa.RSAPublicKey):
+        return jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return jwt.algorithms.OKPAlgorithm.to_jwk(key, as_dict=True)
+    raise BundleError("cannot express this public key as a JWK", type(key).__name__)

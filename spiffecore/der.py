@@ -1,0 +1,65 @@
+"""Concatenated DER certificates, the wire form of chains and bundles in the Workload API.
+
+cryptography parses one DER certificate at a time; the Workload API sends several back to back
+(``x509_svid`` is the chain leaf first, ``bundle`` the roots). This splits them by reading each
+outer ASN.1 SEQUENCE header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+_SEQUENCE = 0x30
+
+
+class DERError(ValueError):
+    """The bytes are not a sequence of whole DER certificates. The message states why."""
+
+
+def split_der(data: bytes) -> list[bytes]:
+    """Split concatenated DER SEQUENCEs, rejecting any trailing garbage."""
+    view = memoryview(data)
+    parts: list[bytes] = []
+    offset = 0
+    end = len(view)
+    while offset < end:
+        if view[offset] != _SEQUENCE:
+            raise DERError(f"expected an ASN.1 SEQUENCE at byte {offset}, found tag 0x{view[offset]:02x}")
+        if offset + 2 > end:
+            raise DERError(f"truncated length at byte {offset + 1}")
+        first = view[offset + 1]
+        header = 2
+        if first < 0x80:
+            length = first
+        else:
+            count = first & 0x7F
+            if count == 0 or count > 4:
+                raise DERError(f"unsupported length encoding at byte {offset + 1}")
+            if offset + 2 + count > end:
+                raise DERError(f"truncated length at byte {offset + 1}")
+            length = int.from_bytes(view[offset + 2 : offset + 2 + count], "big")
+            header += count
+        stop = offset + header + length
+        if stop > end:
+            raise DERError(f"element at byte {offset} claims {length} bytes but only {end - offset - header} remain")
+        parts.append(data[offset:stop])
+        offset = stop
+    return parts
+
+
+def load_der_certificates(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Parse concatenated DER certificates. Raises :class:`DERError` or cryptography's ``ValueError``."""
+    return tuple(x509.load_der_x509_certificate(part) for part in split_der(data))
+
+
+def dump_der_certificates(certificates: Iterable[x509.Certificate]) -> bytes:
+    """Concatenate the DER encodings of ``certificates``."""
+    return b"".join(cert.public_bytes(Encoding.DER) for cert in certificates)
+
+
+def dump_pem_certificates(certificates: Iterable[x509.Certificate]) -> bytes:
+    """Concatenate the PEM encodings of ``certificates``."""
+    return b"".join(cert.public_bytes(Encoding.PEM) for cert in certificates)
