@@ -1,0 +1,1 @@
+"""spiffe-proxy: an mTLS TCP proxy that gives legacy services SPIFFE identities and authorization."""
