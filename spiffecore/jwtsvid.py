@@ -59,7 +59,9 @@ TOO_LONG: Final = f"token must not be longer than {MAX_TOKEN_BYTES} bytes"
 NOT_COMPACT: Final = "token must be a JWS in compact serialization (three base64url parts separated by dots)"
 BAD_HEADER: Final = "token header must be a JSON object"
 UNKNOWN_HEADER: Final = "token header has a parameter the JWT-SVID specification does not allow"
-BAD_ALGORITHM: Final = "token algorithm is not allowed (want one of RS256, RS384, RS512, ES256, ES384, ES512, PS256, PS384, PS512)"
+BAD_ALGORITHM: Final = (
+    "token algorithm is not allowed (want one of RS256, RS384, RS512, ES256, ES384, ES512, PS256, PS384, PS512)"
+)
 BAD_TYPE: Final = "token type must be JWT or JOSE when present"
 NO_KEY_ID: Final = "token header must have a key ID (kid)"
 NO_BUNDLE: Final = "could not get JWT bundle"
@@ -170,7 +172,7 @@ class JWTSVID:
             raise JWTSVIDError(ISSUED_IN_FUTURE, _iso(issued_at))
         for wanted in expected:
             if wanted not in audience:
-                raise JWTSVIDError(f"{AUDIENCE_MISMATCH} {json.dumps(wanted)}", list(audience))
+                raise JWTSVIDError(f"{AUDIENCE_MISMATCH} {json.dumps(wanted)}", ", ".join(audience))
         return cls(
             id=subject,
             audience=audience,
@@ -283,11 +285,7 @@ def _audience(claims: dict[str, Any]) -> tuple[str, ...]:
         raise JWTSVIDError(NO_AUDIENCE)
     if isinstance(audience, str) and audience:
         return (audience,)
-    if (
-        isinstance(audience, list)
-        and audience
-        and all(isinstance(item, str) and item for item in audience)
-    ):
+    if isinstance(audience, list) and audience and all(isinstance(item, str) and item for item in audience):
         return tuple(audience)
     raise JWTSVIDError(BAD_AUDIENCE, audience)
 

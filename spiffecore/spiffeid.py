@@ -36,9 +36,7 @@ PORT: Final = "trust domain must not include a port"
 QUERY: Final = "must not include a query"
 FRAGMENT: Final = "must not include a fragment"
 PERCENT: Final = "must not include percent-encoded characters"
-BAD_PATH_CHAR: Final = (
-    "path segment characters are limited to letters, numbers, dots, dashes, and underscores"
-)
+BAD_PATH_CHAR: Final = "path segment characters are limited to letters, numbers, dots, dashes, and underscores"
 EMPTY_SEGMENT: Final = "path cannot contain empty segments"
 DOT_SEGMENT: Final = "path cannot contain dot segments"
 TRAILING_SLASH: Final = "path cannot have a trailing slash"

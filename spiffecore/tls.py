@@ -18,6 +18,7 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Final
 
 from cryptography import x509
@@ -31,6 +32,7 @@ from spiffecore.x509svid import X509SVID
 
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 _DER: Final = 2  # ssl's ENCODING_DER, for the certificates of the pre-3.13 private chain API
+HAVE_MEMFD: Final = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
 
 
 def server_context(svid: X509SVID, bundles: BundleSet, *, session_tickets: int = 0) -> ssl.SSLContext:
@@ -74,7 +76,7 @@ def load_svid(context: ssl.SSLContext, svid: X509SVID) -> None:
     ``SSLContext.load_cert_chain`` reads only files, so the key goes through an anonymous memory
     file (Linux ``memfd``); elsewhere through a 0600 file in a private directory, removed at once.
     """
-    with _private_pem_file(svid.cert_chain_pem() + svid.private_key_pem()) as path:
+    with private_pem_file(svid.cert_chain_pem() + svid.private_key_pem()) as path:
         try:
             context.load_cert_chain(path)
         except ssl.SSLError as err:
@@ -82,8 +84,9 @@ def load_svid(context: ssl.SSLContext, svid: X509SVID) -> None:
 
 
 @contextlib.contextmanager
-def _private_pem_file(data: bytes) -> Iterator[str]:
-    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+def private_pem_file(data: bytes, *, use_memfd: bool = HAVE_MEMFD) -> Iterator[str]:
+    """A path from which ``data`` can be read while the context is open, readable by this user only."""
+    if use_memfd:
         fd = os.memfd_create("spiffe-svid", os.MFD_CLOEXEC)
         try:
             _write_all(fd, data)
@@ -92,13 +95,13 @@ def _private_pem_file(data: bytes) -> Iterator[str]:
             os.close(fd)
         return
     with tempfile.TemporaryDirectory(prefix="spiffe-svid-") as directory:
-        path = os.path.join(directory, "svid.pem")
+        path = Path(directory) / "svid.pem"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _write_all(fd, data)
         finally:
             os.close(fd)
-        yield path
+        yield str(path)
 
 
 def _write_all(fd: int, data: bytes) -> None:

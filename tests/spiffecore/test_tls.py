@@ -1,0 +1,241 @@
+"""TLS contexts and post-handshake SPIFFE verification, over real TLS handshakes on socket pairs."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from spiffecore import (
+    X509SVID,
+    AuthorizationError,
+    AuthorizeAny,
+    AuthorizeID,
+    Authorizer,
+    BundleSet,
+    SpiffeBundle,
+    SpiffeID,
+    TLSConfigError,
+    TrustDomain,
+    VerificationError,
+    VerifiedX509SVID,
+)
+from spiffecore.tls import client_context, peer_chain, private_pem_file, server_context, verify_peer
+from tests.support.ca import NOW, TestCA
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestCA:
+    return TestCA.create("example.org")
+
+
+@pytest.fixture(scope="module")
+def other() -> TestCA:
+    return TestCA.create("other.org")
+
+
+@pytest.fixture(scope="module")
+def bundles(ca: TestCA, other: TestCA) -> BundleSet:
+    return BundleSet.of(ca.bundle(), other.bundle())
+
+
+@dataclass
+class Outcome:
+    """What each side of a handshake saw: the verified peer, or the error it raised."""
+
+    server: VerifiedX509SVID | BaseException | None = None
+    client: VerifiedX509SVID | BaseException | None = None
+    server_chain: tuple[object, ...] = field(default_factory=tuple)
+    client_version: str | None = None
+    client_cipher: tuple[str, str, int] | None = None
+    echoed: bool = False
+
+
+def handshake(
+    server: ssl.SSLContext,
+    client: ssl.SSLContext,
+    bundles: BundleSet,
+    *,
+    server_authorizer: Authorizer | None = None,
+    client_authorizer: Authorizer | None = None,
+) -> Outcome:
+    """Run a real handshake over a socket pair, then each side's SPIFFE check, and exchange a byte."""
+    outcome = Outcome()
+    left, right = socket.socketpair()
+    left.settimeout(TIMEOUT)
+    right.settimeout(TIMEOUT)
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(left, server_side=True) as tls:
+                outcome.server_chain = peer_chain(tls)
+                outcome.server = verify_peer(tls, bundles, server_authorizer or AuthorizeAny(), at=NOW)
+                tls.sendall(tls.recv(1))
+        except (ssl.SSLError, OSError, VerificationError, AuthorizationError) as err:
+            outcome.server = err
+            left.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(right) as tls:
+            outcome.client_version = tls.version()
+            outcome.client_cipher = tls.cipher()
+            outcome.client = verify_peer(tls, bundles, client_authorizer or AuthorizeAny(), at=NOW)
+            tls.sendall(b"x")
+            outcome.echoed = tls.recv(1) == b"x"
+    except (ssl.SSLError, OSError, VerificationError, AuthorizationError) as err:
+        outcome.client = err
+        right.close()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    return outcome
+
+
+def test_mutual_tls_between_two_svids(ca: TestCA, bundles: BundleSet) -> None:
+    server_svid = ca.intermediate().mint("/server").svid()
+    client_svid = ca.mint("/client").svid()
+    outcome = handshake(server_context(server_svid, bundles), client_context(client_svid, bundles), bundles)
+    assert isinstance(outcome.server, VerifiedX509SVID)
+    assert isinstance(outcome.client, VerifiedX509SVID)
+    assert outcome.server.id == SpiffeID.parse("spiffe://example.org/client")
+    assert outcome.client.id == SpiffeID.parse("spiffe://example.org/server")
+    assert outcome.client.chain[-1] == ca.cert
+    assert outcome.client_version == "TLSv1.3"
+    assert outcome.echoed
+
+
+def test_peers_of_different_trust_domains_verify_each_against_their_own_bundle(
+    ca: TestCA, other: TestCA, bundles: BundleSet
+) -> None:
+    outcome = handshake(
+        server_context(ca.mint("/server").svid(), bundles),
+        client_context(other.mint("/client").svid(), bundles),
+        bundles,
+        server_authorizer=AuthorizeID(SpiffeID.parse("spiffe://other.org/client")),
+    )
+    assert isinstance(outcome.server, VerifiedX509SVID)
+    assert outcome.server.chain[-1] == other.cert
+
+
+def test_leaf_claiming_another_trust_domain_is_refused_after_the_handshake(
+    ca: TestCA, other: TestCA, bundles: BundleSet
+) -> None:
+    """OpenSSL trusts every root of the set during the handshake; the SPIFFE check must not."""
+    impostor = other.mint(uris=["spiffe://example.org/admin"])
+    outcome = handshake(
+        server_context(ca.mint("/server").svid(), bundles),
+        client_context(X509SVID.from_chain(impostor.chain, impostor.key), bundles),
+        bundles,
+    )
+    assert isinstance(outcome.server, VerificationError)
+    assert not outcome.echoed
+    assert str(outcome.server).startswith("x509svid: could not verify leaf certificate (validation failed: ")
+    assert str(outcome.server).endswith(': "spiffe://example.org/admin"')
+
+
+def test_authorizer_refusal_is_reported_with_the_reason(ca: TestCA, bundles: BundleSet) -> None:
+    outcome = handshake(
+        server_context(ca.mint("/server").svid(), bundles),
+        client_context(ca.mint("/intruder").svid(), bundles),
+        bundles,
+        server_authorizer=AuthorizeID(SpiffeID.parse("spiffe://example.org/frontend")),
+    )
+    assert isinstance(outcome.server, AuthorizationError)
+    assert str(outcome.server) == (
+        'authorize: "spiffe://example.org/intruder" is not allowed: want ID "spiffe://example.org/frontend"'
+    )
+
+
+def test_client_authorizes_the_server_too(ca: TestCA, bundles: BundleSet) -> None:
+    outcome = handshake(
+        server_context(ca.mint("/not-the-database").svid(), bundles),
+        client_context(ca.mint("/client").svid(), bundles),
+        bundles,
+        client_authorizer=AuthorizeID(SpiffeID.parse("spiffe://example.org/database")),
+    )
+    assert isinstance(outcome.client, AuthorizationError)
+
+
+def test_stranger_is_refused_during_the_handshake(ca: TestCA, bundles: BundleSet) -> None:
+    stranger = TestCA.create("example.org")  # same name, different root: not in the bundle
+    stranger_bundles = BundleSet.of(stranger.bundle())
+    outcome = handshake(
+        server_context(ca.mint("/server").svid(), bundles),
+        client_context(stranger.mint("/client").svid(), stranger_bundles),
+        bundles,
+    )
+    assert isinstance(outcome.server, ssl.SSLError)
+    assert isinstance(outcome.client, ssl.SSLError | OSError)
+
+
+def test_server_requires_a_client_certificate(ca: TestCA, bundles: BundleSet) -> None:
+    outcome = handshake(server_context(ca.mint("/server").svid(), bundles), client_context(None, bundles), bundles)
+    assert isinstance(outcome.server, ssl.SSLError)
+
+
+@pytest.mark.parametrize("key_type", ["rsa-2048", "ec-p384", "ed25519"])
+def test_other_key_types_handshake(key_type: str, ca: TestCA, bundles: BundleSet) -> None:
+    svid = ca.mint("/server", key_type=key_type).svid()  # type: ignore[arg-type]
+    outcome = handshake(server_context(svid, bundles), client_context(ca.mint("/c").svid(), bundles), bundles)
+    assert isinstance(outcome.client, VerifiedX509SVID)
+
+
+def test_peer_chain_is_the_chain_the_peer_sent_leaf_first(ca: TestCA, bundles: BundleSet) -> None:
+    intermediate = ca.intermediate()
+    client = intermediate.mint("/client")
+    outcome = handshake(
+        server_context(ca.mint("/server").svid(), bundles), client_context(client.svid(), bundles), bundles
+    )
+    assert outcome.server_chain == client.chain
+
+
+def test_contexts_allow_only_modern_tls_and_aead_ciphers(ca: TestCA, bundles: BundleSet) -> None:
+    for context in (server_context(ca.mint().svid(), bundles), client_context(None, bundles)):
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert not context.check_hostname
+        ciphers = context.get_ciphers()
+        assert ciphers
+        for cipher in ciphers:
+            assert cipher["aead"], cipher["name"]
+            if cipher["protocol"] == "TLSv1.2":
+                assert cipher["kea"] == "kx-ecdhe", cipher["name"]
+
+
+def test_tls_1_1_is_refused(ca: TestCA, bundles: BundleSet) -> None:
+    client = client_context(ca.mint("/client").svid(), bundles)
+    client.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    with pytest.warns(DeprecationWarning, match="TLSv1_1 is deprecated"):
+        client.maximum_version = ssl.TLSVersion.TLSv1_1
+    outcome = handshake(server_context(ca.mint("/server").svid(), bundles), client, bundles)
+    assert isinstance(outcome.client, ssl.SSLError | OSError)
+
+
+def test_session_tickets_off_by_default_on_servers(ca: TestCA, bundles: BundleSet) -> None:
+    assert server_context(ca.mint().svid(), bundles).num_tickets == 0
+    assert server_context(ca.mint().svid(), bundles, session_tickets=2).num_tickets == 2
+
+
+def test_a_bundle_set_without_roots_cannot_make_a_context(ca: TestCA) -> None:
+    empty = BundleSet.of(SpiffeBundle.create(TrustDomain.parse("example.org")))
+    with pytest.raises(TLSConfigError) as caught:
+        server_context(ca.mint().svid(), empty)
+    assert str(caught.value) == "tls: the bundle set has no X.509 authorities; no peer could be verified"
+
+
+@pytest.mark.parametrize("use_memfd", [True, False])
+def test_private_pem_file_is_private_and_gone_afterwards(use_memfd: bool) -> None:
+    with private_pem_file(b"secret", use_memfd=use_memfd) as path:
+        assert Path(path).read_bytes() == b"secret"
+        if not use_memfd:
+            assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+            assert stat.S_IMODE(Path(path).parent.stat().st_mode) == 0o700
+    assert not Path(path).exists()
