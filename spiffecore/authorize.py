@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from spiffecore.errors import AuthorizationError, PolicyError, SpiffeIDError
-from spiffecore.spiffeid import SCHEME_PREFIX, SpiffeID, TrustDomain
+from spiffecore.spiffeid import BAD_PATH_CHAR, SCHEME_PREFIX, SpiffeID, TrustDomain
 
 ANY_SEGMENT: Final = "*"
 ANY_TAIL: Final = "**"
@@ -121,32 +121,24 @@ class IDPattern:
     trust_domain: TrustDomain
     segments: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.trust_domain, TrustDomain):
+            raise TypeError(f"trust_domain must be a TrustDomain, not {type(self.trust_domain)!r}")
+        _check_pattern_segments(self.trust_domain, self.segments, str(self))
+
     @classmethod
     def parse(cls, text: str) -> IDPattern:
         if not text.startswith(SCHEME_PREFIX):
             raise PolicyError("ID pattern must start with spiffe://", text)
-        authority, _, path = text[len(SCHEME_PREFIX) :].partition("/")
+        authority, slash, path = text[len(SCHEME_PREFIX) :].partition("/")
         if "*" in authority:
             raise PolicyError("ID pattern trust domain must be literal (no wildcards)", text)
         try:
             trust_domain = TrustDomain.parse(authority)
         except SpiffeIDError as err:
             raise PolicyError(f"ID pattern trust domain is not valid ({err.rule})", text) from err
-        segments = tuple(path.split("/")) if path else ()
-        for index, segment in enumerate(segments):
-            if segment == ANY_TAIL:
-                if index != len(segments) - 1:
-                    raise PolicyError("'**' may only be the last segment of an ID pattern", text)
-            elif segment == ANY_SEGMENT:
-                continue
-            elif "*" in segment:
-                raise PolicyError("a wildcard must be a whole segment of an ID pattern", text)
-            else:
-                try:
-                    SpiffeID.from_segments(trust_domain, segment)
-                except SpiffeIDError as err:
-                    raise PolicyError(f"ID pattern is not valid ({err.rule})", text) from err
-        return cls(trust_domain, segments)
+        # Every "/" starts a segment, so "spiffe://td/" has one empty segment (a trailing slash, refused).
+        return cls(trust_domain, tuple(path.split("/")) if slash else ())
 
     def matches(self, spiffe_id: SpiffeID) -> bool:
         if spiffe_id.trust_domain != self.trust_domain:
@@ -161,7 +153,7 @@ class IDPattern:
             fixed = want
             if len(have) != len(fixed):
                 return False
-        return all(w == ANY_SEGMENT or w == h for w, h in zip(fixed, have, strict=False))
+        return all(w in (ANY_SEGMENT, h) for w, h in zip(fixed, have, strict=False))
 
     def __str__(self) -> str:
         return SCHEME_PREFIX + self.trust_domain.name + "".join("/" + s for s in self.segments)
@@ -204,3 +196,22 @@ class AuthorizeAnyOf:
         if not self.rules:
             return "nothing (no rule configured)"
         return " or ".join(str(rule) for rule in self.rules)
+
+
+def _check_pattern_segments(trust_domain: TrustDomain, segments: tuple[str, ...], quoted: str) -> None:
+    """Refuse misplaced wildcards, then check the literal segments by the SPIFFE ID path rules."""
+    for index, segment in enumerate(segments):
+        if segment == ANY_TAIL:
+            if index != len(segments) - 1:
+                raise PolicyError("'**' may only be the last segment of an ID pattern", quoted)
+        elif segment != ANY_SEGMENT and "*" in segment:
+            raise PolicyError("a wildcard must be a whole segment of an ID pattern", quoted)
+        elif "/" in segment:
+            raise PolicyError(f"ID pattern is not valid ({BAD_PATH_CHAR})", quoted)
+    # A wildcard stands for a one-character segment, the shortest it can match, so a pattern longer
+    # than any ID could be is refused along with empty, dot and badly spelled segments.
+    path = "".join("/" + ("x" if segment in {ANY_SEGMENT, ANY_TAIL} else segment) for segment in segments)
+    try:
+        SpiffeID.from_path(trust_domain, path)
+    except SpiffeIDError as err:
+        raise PolicyError(f"ID pattern is not valid ({err.rule})", quoted) from err

@@ -15,7 +15,6 @@ Bundles of different trust domains are never merged.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,15 +27,22 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import Store
 
-from spiffecore.der import dump_der_certificates, dump_pem_certificates, load_der_certificates
+from spiffecore.der import CERTIFICATE_PARSE_ERRORS, dump_der_certificates, dump_pem_certificates, load_der_certificates
 from spiffecore.errors import BundleError, BundleNotFoundError, SpiffeIDError
 from spiffecore.spiffeid import TrustDomain
 
 JWTPublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+# Inside SpiffeBundle the field ``x509`` hides the module, so its signatures use this name.
+_Certificate: TypeAlias = x509.Certificate
 
 X509_SVID_USE: Final = "x509-svid"
 JWT_SVID_USE: Final = "jwt-svid"
 _KNOWN_KTY: Final = frozenset({"EC", "RSA", "OKP"})
+# The JWT-SVID algorithms (JWT-SVID 2.1) a JWT authority's optional ``alg`` may name, by key type.
+_JWT_ALGORITHMS: Final = {
+    "EC": frozenset({"ES256", "ES384", "ES512"}),
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+}
 
 
 class X509BundleSource(Protocol):
@@ -76,7 +82,7 @@ class X509Bundle:
         """Parse PEM certificates (a ``bundle.pem``). An input with no certificate is an error."""
         try:
             authorities = tuple(x509.load_pem_x509_certificates(data))
-        except ValueError as err:
+        except CERTIFICATE_PARSE_ERRORS as err:
             raise BundleError(f"could not parse X.509 authorities from PEM ({err})", trust_domain.name) from err
         return cls(trust_domain=trust_domain, authorities=authorities)
 
@@ -183,7 +189,7 @@ class SpiffeBundle:
         cls,
         trust_domain: TrustDomain,
         *,
-        x509_authorities: Iterable[x509.Certificate] = (),
+        x509_authorities: Iterable[_Certificate] = (),
         jwt_authorities: Mapping[str, JWTPublicKey] | None = None,
         sequence: int | None = None,
         refresh_hint: int | None = None,
@@ -233,7 +239,8 @@ class SpiffeBundle:
         keys: list[dict[str, Any]] = []
         for certificate in self.x509.authorities:
             der = certificate.public_bytes(Encoding.DER)
-            keys.append(_jwk(certificate.public_key()) | {"use": X509_SVID_USE, "x5c": [base64.b64encode(der).decode()]})
+            x5c = [base64.b64encode(der).decode()]
+            keys.append(_jwk(certificate.public_key()) | {"use": X509_SVID_USE, "x5c": x5c})
         for kid, key in self.jwt.authorities.items():
             keys.append(_jwk(key) | {"use": JWT_SVID_USE, "kid": kid})
         document: dict[str, Any] = {"keys": keys}
@@ -263,7 +270,9 @@ class BundleSet:
         bundles = dict(self.bundles)
         for trust_domain, bundle in bundles.items():
             if bundle.trust_domain != trust_domain:
-                raise BundleError(f"bundle of {bundle.trust_domain} filed under another trust domain", trust_domain.name)
+                raise BundleError(
+                    f"bundle of {bundle.trust_domain} filed under another trust domain", trust_domain.name
+                )
         object.__setattr__(self, "bundles", MappingProxyType(bundles))
 
     @classmethod
@@ -365,7 +374,10 @@ def _jwks_keys(document: object, trust_domain: TrustDomain) -> list[Any]:
 
 def _usable(entry: object) -> bool:
     """Entries that are not objects, or whose ``kty`` is missing or unknown, are ignored (spec 4.2)."""
-    return isinstance(entry, dict) and entry.get("kty") in _KNOWN_KTY
+    if not isinstance(entry, dict):
+        return False
+    kty = entry.get("kty")
+    return isinstance(kty, str) and kty in _KNOWN_KTY
 
 
 def _optional_int(document: dict[str, Any], name: str, trust_domain: TrustDomain) -> int | None:
@@ -386,8 +398,10 @@ def _x5c_certificate(index: int, entry: dict[str, Any], trust_domain: TrustDomai
         raise BundleError(f"x509-svid entry {index} of {trust_domain.name}: x5c must be an array of strings", chain)
     try:
         return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
-    except (ValueError, binascii.Error) as err:
-        raise BundleError(f"x509-svid entry {index} of {trust_domain.name}: could not parse x5c certificate ({err})", chain[0]) from err
+    except CERTIFICATE_PARSE_ERRORS as err:  # binascii.Error is a ValueError
+        raise BundleError(
+            f"x509-svid entry {index} of {trust_domain.name}: could not parse x5c certificate ({err})", chain[0]
+        ) from err
 
 
 def _add_jwt_authority(
@@ -399,8 +413,12 @@ def _add_jwt_authority(
         raise BundleError(f"{where}: key ID (kid) must be set")
     if kid in authorities:
         raise BundleError(f"{where}: duplicate key ID", kid)
-    if entry.get("kty") not in {"EC", "RSA"}:
-        raise BundleError(f"{where}: key type must be EC or RSA", entry.get("kty"))
+    kty = entry.get("kty")
+    if kty not in _JWT_ALGORITHMS:
+        raise BundleError(f"{where}: key type must be EC or RSA", kty)
+    algorithm = entry.get("alg")
+    if algorithm is not None and (not isinstance(algorithm, str) or algorithm not in _JWT_ALGORITHMS[kty]):
+        raise BundleError(f"{where}: algorithm (alg) must be a JWT-SVID algorithm for key type {kty}", algorithm)
     try:
         key = jwt.PyJWK(entry).key
     except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as err:

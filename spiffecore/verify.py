@@ -45,9 +45,7 @@ class VerifiedX509SVID:
     """Leaf first, ending with the trust anchor from the bundle."""
 
 
-def verify_x509_svid(
-    chain: Sequence[x509.Certificate], bundles: X509BundleSource, *, at: datetime
-) -> VerifiedX509SVID:
+def verify_x509_svid(chain: Sequence[x509.Certificate], bundles: X509BundleSource, *, at: datetime) -> VerifiedX509SVID:
     """Verify ``chain`` (leaf first, as the peer sent it) at time ``at``.
 
     Raises :class:`VerificationError` naming the broken rule: a leaf that breaks the X509-SVID

@@ -9,6 +9,7 @@ sign certificates; and the private key belongs to the leaf.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, TypeAlias
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from spiffecore.der import dump_der_certificates, dump_pem_certificates, load_der_certificates
+from spiffecore.der import CERTIFICATE_PARSE_ERRORS, dump_der_certificates, dump_pem_certificates, load_der_certificates
 from spiffecore.errors import SpiffeIDError, X509SVIDError
 from spiffecore.spiffeid import SpiffeID
 
@@ -48,18 +49,28 @@ SIGNER_NO_KEY_CERT_SIGN: Final = "signing certificate must have 'keyCertSign' se
 EMPTY_CHAIN: Final = "certificate chain must not be empty"
 BAD_CHAIN: Final = "could not parse certificate chain"
 BAD_KEY: Final = "could not parse private key"
+ENCRYPTED_KEY: Final = "private key is encrypted (want an unencrypted key)"
 UNSUPPORTED_KEY: Final = "private key type is not supported (want EC, RSA or Ed25519)"
 KEY_MISMATCH: Final = "private key does not match the leaf certificate's public key"
+BAD_LEAF_KEY: Final = "could not read the leaf certificate's public key"
 ID_MISMATCH: Final = "SPIFFE ID does not match the leaf certificate"
 HINT_TOO_LONG: Final = f"hint must not be longer than {MAX_HINT_BYTES} bytes"
+HINT_NOT_UTF8: Final = "hint must be encodable as UTF-8"
 
 _SERVER_AUTH: Final = ExtendedKeyUsageOID.SERVER_AUTH
 _CLIENT_AUTH: Final = ExtendedKeyUsageOID.CLIENT_AUTH
+# A PEM label shown in errors: the whole "-----BEGIN <label>-----" line, of label characters only.
+# Anything looser could run past a broken header into the base64 body of a key.
+_PEM_LABEL_RE: Final = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
 
 
 def _describe(cert: x509.Certificate) -> str:
     """How a certificate is named in errors: its subject and serial, never key material."""
-    return f"subject={cert.subject.rfc4514_string()!r} serial={cert.serial_number:x}"
+    try:
+        subject = repr(cert.subject.rfc4514_string())
+    except ValueError:  # cryptography parses the subject only when asked for it
+        subject = "(malformed)"
+    return f"subject={subject} serial={cert.serial_number:x}"
 
 
 def _extensions(cert: x509.Certificate) -> x509.Extensions:
@@ -100,9 +111,8 @@ def check_leaf(cert: x509.Certificate) -> SpiffeID:
                 raise X509SVIDError(LEAF_IS_CA, str(spiffe_id))
         elif isinstance(value, x509.KeyUsage):
             key_usage = value
-        elif isinstance(value, x509.ExtendedKeyUsage):
-            if _SERVER_AUTH not in value or _CLIENT_AUTH not in value:
-                raise X509SVIDError(LEAF_EKU, str(spiffe_id))
+        elif isinstance(value, x509.ExtendedKeyUsage) and (_SERVER_AUTH not in value or _CLIENT_AUTH not in value):
+            raise X509SVIDError(LEAF_EKU, str(spiffe_id))
     if key_usage is None:
         raise X509SVIDError(LEAF_NO_KEY_USAGE, str(spiffe_id))
     if not key_usage.digital_signature:
@@ -152,13 +162,23 @@ class X509SVID:
             check_signing_cert(cert)
         if not isinstance(self.private_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
             raise X509SVIDError(UNSUPPORTED_KEY, type(self.private_key).__name__)
-        if self.private_key.public_key() != self.cert_chain[0].public_key():
+        try:
+            leaf_key = self.cert_chain[0].public_key()
+        except (ValueError, UnsupportedAlgorithm) as err:  # cryptography parses the key only now
+            raise X509SVIDError(f"{BAD_LEAF_KEY} ({err})", str(self.id)) from err
+        if self.private_key.public_key() != leaf_key:
             raise X509SVIDError(KEY_MISMATCH, str(self.id))
-        if len(self.hint.encode("utf-8")) > MAX_HINT_BYTES:
+        try:
+            hint_bytes = len(self.hint.encode("utf-8"))
+        except UnicodeEncodeError as err:
+            raise X509SVIDError(HINT_NOT_UTF8, self.hint) from err
+        if hint_bytes > MAX_HINT_BYTES:
             raise X509SVIDError(HINT_TOO_LONG, self.hint)
 
     @classmethod
-    def from_chain(cls, cert_chain: tuple[x509.Certificate, ...], private_key: PrivateKey, *, hint: str = "") -> X509SVID:
+    def from_chain(
+        cls, cert_chain: tuple[x509.Certificate, ...], private_key: PrivateKey, *, hint: str = ""
+    ) -> X509SVID:
         """Build an SVID from a parsed chain and key, taking the ID from the leaf."""
         if not cert_chain:
             raise X509SVIDError(EMPTY_CHAIN)
@@ -169,11 +189,13 @@ class X509SVID:
         """Parse a PEM chain (leaf first) and a PEM private key (PKCS#8, SEC1 or PKCS#1)."""
         try:
             chain = tuple(x509.load_pem_x509_certificates(cert_chain_pem))
-        except ValueError as err:
+        except CERTIFICATE_PARSE_ERRORS as err:
             raise X509SVIDError(f"{BAD_CHAIN} ({err})", _pem_label(cert_chain_pem)) from err
         try:
             key = load_pem_private_key(private_key_pem, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        except TypeError as err:  # cryptography's way of saying "encrypted, and no password given"
+            raise X509SVIDError(ENCRYPTED_KEY, _pem_label(private_key_pem)) from err
+        except (ValueError, UnsupportedAlgorithm) as err:
             raise X509SVIDError(f"{BAD_KEY} as unencrypted PEM", _pem_label(private_key_pem)) from err
         return cls.from_chain(chain, _supported_key(key), hint=hint)
 
@@ -185,11 +207,13 @@ class X509SVID:
         """
         try:
             chain = load_der_certificates(cert_chain_der)
-        except ValueError as err:
+        except CERTIFICATE_PARSE_ERRORS as err:
             raise X509SVIDError(f"{BAD_CHAIN} as DER ({err})", f"{len(cert_chain_der)} bytes") from err
         try:
             key = load_der_private_key(private_key_der, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        except TypeError as err:  # cryptography's way of saying "encrypted, and no password given"
+            raise X509SVIDError(ENCRYPTED_KEY, f"{len(private_key_der)} bytes") from err
+        except (ValueError, UnsupportedAlgorithm) as err:
             raise X509SVIDError(f"{BAD_KEY} as unencrypted DER PKCS#8", f"{len(private_key_der)} bytes") from err
         return cls.from_chain(chain, _supported_key(key), hint=hint)
 
@@ -233,14 +257,15 @@ def _pem_label(data: bytes) -> str:
     start = data.find(b"-----BEGIN ")
     if start < 0:
         return f"{len(data)} bytes, no PEM block"
-    end = data.find(b"-----", start + 11)
-    label = data[start + 11 : end].decode("ascii", "replace") if end > 0 else "?"
-    return f"{len(data)} bytes, first block {label[:40]!r}"
+    match = _PEM_LABEL_RE.match(data, start)
+    if match is None:
+        return f"{len(data)} bytes, first block has a malformed header"
+    return f"{len(data)} bytes, first block {match.group(1).decode('ascii')!r}"
 
 
 __all__ = [
-    "PrivateKey",
     "X509SVID",
+    "PrivateKey",
     "check_leaf",
     "check_signing_cert",
     "id_from_cert",

@@ -138,7 +138,7 @@ class TestCA:
         )
         builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
             critical=False,
         )
         cert = builder.sign(self.key, _hash_for(self.key))  # type: ignore[arg-type]
@@ -198,7 +198,7 @@ class TestCA:
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(self.cert.subject)
-            .public_key(leaf_key.public_key())  # type: ignore[arg-type]
+            .public_key(leaf_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -213,7 +213,7 @@ class TestCA:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
         if authority_key_id:
             builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[arg-type]
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
         signing_key = signer or self.key
@@ -275,6 +275,7 @@ def _ca_builder(
 
 def compact(header: Mapping[str, Any], payload: Mapping[str, Any], signature: bytes = b"sig") -> str:
     """A hand-built compact JWS (for malformed-token tests); the signature is arbitrary."""
-    return ".".join(jwt.utils.base64url_encode(part).decode() for part in (
-        json.dumps(header).encode(), json.dumps(payload).encode(), signature
-    ))
+    return ".".join(
+        jwt.utils.base64url_encode(part).decode()
+        for part in (json.dumps(header).encode(), json.dumps(payload).encode(), signature)
+    )
