@@ -58,7 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spiffecore import JWTSVID, BundleSet, SpiffeBundle, TrustDomain, verify_x509_svid
+from spiffecore import JWTSVID, BundleSet, SpiffeBundle, TrustDomain, VerificationCache, verify_x509_svid
 from spiffecore.verify import _CA_POLICY, _EE_POLICY
 
 TARGET_OVERHEAD: Final = 0.25
@@ -96,6 +96,11 @@ class Family:
 
 X509_FAMILY: Final = Family(
     key="x509", title="X.509-SVID verification (spiffecore.verify_x509_svid)", peer="x509.verification"
+)
+X509_CACHED_FAMILY: Final = Family(
+    key="x509-cached",
+    title="X.509-SVID verification with a VerificationCache (a peer reconnecting with its SVID)",
+    peer="x509.verification",
 )
 JWT_FAMILY: Final = Family(
     key="jwt", title="JWT-SVID validation (spiffecore.JWTSVID.parse_and_validate)", peer="jwt.decode"
@@ -334,6 +339,22 @@ def _fresh_x509_case(
     )
 
 
+def _cached_x509_case(
+    name: str, chain: tuple[x509.Certificate, ...], anchor: x509.Certificate, bundles: BundleSet
+) -> Case:
+    """A handshake from a peer seen before: the chain is parsed from DER, then found in the cache."""
+    ders = [cert.public_bytes(Encoding.DER) for cert in chain]
+    cache = VerificationCache()
+    verify_x509_svid(_parse(ders), bundles, at=NOW, cache=cache)
+    return Case(
+        family=X509_CACHED_FAMILY,
+        name=name,
+        ours=lambda: verify_x509_svid(_parse(ders), bundles, at=NOW, cache=cache),
+        raw=_raw_fresh_path(ders, chain, anchor),
+        peer=_cryptography_verifier(anchor, lambda: _parse(ders)),
+    )
+
+
 def x509_cases(ec_root: Authority, rsa_root: Authority, bundles: BundleSet) -> list[Case]:
     intermediate = _intermediate(EC_DOMAIN, ec_root)
     direct = (_leaf(EC_DOMAIN, ec_root, "p256"),)
@@ -344,6 +365,9 @@ def x509_cases(ec_root: Authority, rsa_root: Authority, bundles: BundleSet) -> l
         _x509_case("P-256 leaf <- int. <- root", via_intermediate, ec_root.cert, bundles),
         _x509_case("RSA-2048 leaf <- root", rsa_direct, rsa_root.cert, bundles),
         _fresh_x509_case("P-256 leaf <- root, from DER", direct, ec_root.cert, bundles),
+        _cached_x509_case("P-256 leaf <- root, cache hit", direct, ec_root.cert, bundles),
+        _cached_x509_case("P-256 leaf <- int. <- root, cache hit", via_intermediate, ec_root.cert, bundles),
+        _cached_x509_case("RSA-2048 leaf <- root, cache hit", rsa_direct, rsa_root.cert, bundles),
     ]
 
 
@@ -483,7 +507,7 @@ class Verdict:
 def verdicts(results: Sequence[Result]) -> list[Verdict]:
     """Per family: is our overhead over raw under the target in every case?"""
     verdict_list: list[Verdict] = []
-    for family in (X509_FAMILY, JWT_FAMILY):
+    for family in (X509_FAMILY, X509_CACHED_FAMILY, JWT_FAMILY):
         members = [result for result in results if result.case.family == family]
         worst = max(members, key=lambda result: result.overhead("ours"))
         verdict_list.append(Verdict(family=family, met=worst.overhead("ours") < TARGET_OVERHEAD, worst=worst))
@@ -528,7 +552,7 @@ def render_text(results: Sequence[Result], mode: Mode) -> str:
         "raw = the same signature checks done directly with cryptography; ± = largest deviation of ours from its",
         "median; x/raw = (x - raw) / raw, the overhead above the raw signature checks",
     ]
-    for family in (X509_FAMILY, JWT_FAMILY):
+    for family in (X509_FAMILY, X509_CACHED_FAMILY, JWT_FAMILY):
         rows = [_row(result) for result in results if result.case.family == family]
         lines += ["", f"{family.title}; peer = {family.peer}", *_table([_HEADER, *rows])]
     lines.append("")

@@ -39,7 +39,7 @@ from spiffecore.errors import (
 )
 from spiffecore.jwtsvid import JWTSVID
 from spiffecore.spiffeid import SpiffeID, TrustDomain
-from spiffecore.verify import VerifiedX509SVID, verify_x509_svid
+from spiffecore.verify import VerificationCache, VerifiedX509SVID, verify_x509_svid
 from spiffecore.x509svid import X509SVID, PrivateKey, id_from_cert
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "SpiffeIDError",
     "TLSConfigError",
     "TrustDomain",
+    "VerificationCache",
     "VerificationError",
     "VerifiedX509SVID",
     "X509Bundle",

@@ -27,7 +27,7 @@ from spiffecore.authorize import Authorizer
 from spiffecore.bundle import BundleSet, X509BundleSource
 from spiffecore.der import dump_pem_certificates
 from spiffecore.errors import TLSConfigError, VerificationError
-from spiffecore.verify import VerifiedX509SVID, verify_x509_svid
+from spiffecore.verify import VerificationCache, VerifiedX509SVID, verify_x509_svid
 from spiffecore.x509svid import X509SVID
 
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -132,14 +132,16 @@ def verify_peer(
     authorizer: Authorizer,
     *,
     at: datetime,
+    cache: VerificationCache | None = None,
 ) -> VerifiedX509SVID:
     """Authenticate and authorize the peer of a completed handshake.
 
     Raises :class:`VerificationError` or :class:`AuthorizationError`; close the connection then.
+    A :class:`VerificationCache` spares a reconnecting peer the second round of signature checks.
     """
     chain = peer_chain(connection)
     if not chain:
         raise VerificationError("peer presented no certificate")
-    verified = verify_x509_svid(chain, bundles, at=at)
+    verified = verify_x509_svid(chain, bundles, at=at, cache=cache)
     authorizer(verified.id)
     return verified

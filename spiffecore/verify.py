@@ -4,10 +4,19 @@ The leaf's SPIFFE ID is read first; only that trust domain's authorities are the
 anchors, never a pool mixed from several domains. The path is validated by cryptography's
 verifier (RFC 5280, with the time given by the caller); the SPIFFE leaf rules, which that
 verifier does not enforce, are checked here. Pure: no I/O, no clock.
+
+A :class:`VerificationCache`, when the caller passes one, remembers successful verifications:
+a peer reconnects with the same chain for as long as its SVID lives (an hour by default), and
+each full verification costs a signature check per certificate of the path. A remembered result
+is reused only for the very same chain, while the bundle of its trust domain is still the very
+same bundle object (a rotated bundle is a new object) and while the time lies inside the validity
+periods of every certificate of the verified path. Failures are never remembered.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +25,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.x509 import verification
 
-from spiffecore.bundle import X509BundleSource
+from spiffecore.bundle import X509Bundle, X509BundleSource
 from spiffecore.errors import BundleError, VerificationError, X509SVIDError
 from spiffecore.spiffeid import SpiffeID
 from spiffecore.x509svid import check_leaf
@@ -45,22 +54,96 @@ class VerifiedX509SVID:
     """Leaf first, ending with the trust anchor from the bundle."""
 
 
-def verify_x509_svid(chain: Sequence[x509.Certificate], bundles: X509BundleSource, *, at: datetime) -> VerifiedX509SVID:
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    bundle: X509Bundle
+    result: VerifiedX509SVID
+    not_before: datetime
+    not_after: datetime
+
+
+class VerificationCache:
+    """Successful verifications, most recently used kept, at most ``max_entries`` of them.
+
+    Safe to share between threads. ``hits`` and ``misses`` count lookups, for metrics.
+    """
+
+    def __init__(self, *, max_entries: int = 4096) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries}")
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[x509.Certificate, ...], _Remembered] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(
+        self, chain: tuple[x509.Certificate, ...], bundles: X509BundleSource, at: datetime
+    ) -> VerifiedX509SVID | None:
+        """The remembered result for ``chain`` if it still holds at ``at``, else ``None``."""
+        remembered = self._entries.get(chain)
+        if remembered is not None and remembered.not_before <= at <= remembered.not_after:
+            try:
+                bundle: X509Bundle | None = bundles.x509_bundle_for(remembered.result.id.trust_domain)
+            except BundleError:
+                bundle = None
+            if bundle is remembered.bundle:
+                with self._lock:
+                    self.hits += 1
+                    if chain in self._entries:
+                        self._entries.move_to_end(chain)
+                return remembered.result
+        with self._lock:
+            self.misses += 1
+        return None
+
+    def remember(self, chain: tuple[x509.Certificate, ...], bundle: X509Bundle, result: VerifiedX509SVID) -> None:
+        """Remember a successful verification of ``chain`` against ``bundle``."""
+        remembered = _Remembered(
+            bundle=bundle,
+            result=result,
+            not_before=max(cert.not_valid_before_utc for cert in result.chain),
+            not_after=min(cert.not_valid_after_utc for cert in result.chain),
+        )
+        with self._lock:
+            self._entries[chain] = remembered
+            self._entries.move_to_end(chain)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+def verify_x509_svid(
+    chain: Sequence[x509.Certificate],
+    bundles: X509BundleSource,
+    *,
+    at: datetime,
+    cache: VerificationCache | None = None,
+) -> VerifiedX509SVID:
     """Verify ``chain`` (leaf first, as the peer sent it) at time ``at``.
 
     Raises :class:`VerificationError` naming the broken rule: a leaf that breaks the X509-SVID
     rules, no bundle for the leaf's trust domain, or a chain that does not lead to one of that
-    bundle's authorities within its validity period.
+    bundle's authorities within its validity period. With ``cache``, a chain verified before is
+    accepted again without its signature checks while the conditions in the module's doc hold.
     """
     if not chain:
         raise VerificationError(EMPTY_CHAIN)
+    if cache is not None:
+        key = tuple(chain)
+        remembered = cache.lookup(key, bundles, at)
+        if remembered is not None:
+            return remembered
     leaf = chain[0]
     try:
         spiffe_id = check_leaf(leaf)
     except X509SVIDError as err:
         raise VerificationError(err.rule, err.value) from err
     try:
-        store = bundles.x509_bundle_for(spiffe_id.trust_domain).store()
+        bundle = bundles.x509_bundle_for(spiffe_id.trust_domain)
+        store = bundle.store()
     except BundleError as err:
         raise VerificationError(f"{NO_BUNDLE} ({err.rule})", spiffe_id.trust_domain.name) from err
     verifier = (
@@ -74,4 +157,7 @@ def verify_x509_svid(chain: Sequence[x509.Certificate], bundles: X509BundleSourc
         verified = verifier.verify(leaf, list(chain[1:]))
     except verification.VerificationError as err:
         raise VerificationError(f"{NOT_VERIFIED} ({err})", str(spiffe_id)) from err
-    return VerifiedX509SVID(spiffe_id, tuple(verified.chain))
+    result = VerifiedX509SVID(spiffe_id, tuple(verified.chain))
+    if cache is not None:
+        cache.remember(key, bundle, result)
+    return result

@@ -80,14 +80,31 @@ def _extensions(cert: x509.Certificate) -> x509.Extensions:
         raise X509SVIDError(f"{MALFORMED_EXTENSIONS} ({err})", _describe(cert)) from err
 
 
-def id_from_cert(cert: x509.Certificate) -> SpiffeID:
-    """The SPIFFE ID of a certificate: its one URI SAN, which must be a valid SPIFFE ID."""
+def _leaf_extensions(
+    cert: x509.Certificate,
+) -> tuple[list[str], x509.BasicConstraints | None, x509.KeyUsage | None, x509.ExtendedKeyUsage | None]:
+    """The extensions the leaf rules read, in one pass: URI SANs, basic constraints, key usages.
+
+    This runs on every handshake, so it compares exact types: cryptography returns these classes
+    themselves, and ``isinstance`` against its abstract base classes costs several times more.
+    """
     uris: list[str] = []
+    constraints = usage = extended = None
     for extension in _extensions(cert):
         value = extension.value
-        if isinstance(value, x509.SubjectAlternativeName):
-            uris = value.get_values_for_type(x509.UniformResourceIdentifier)
-            break
+        kind = type(value)
+        if kind is x509.SubjectAlternativeName:
+            uris = [name.value for name in value if type(name) is x509.UniformResourceIdentifier]
+        elif kind is x509.BasicConstraints:
+            constraints = value
+        elif kind is x509.KeyUsage:
+            usage = value
+        elif kind is x509.ExtendedKeyUsage:
+            extended = value
+    return uris, constraints, usage, extended
+
+
+def _id_from_uris(cert: x509.Certificate, uris: list[str]) -> SpiffeID:
     if not uris:
         raise X509SVIDError(NO_URI_SAN, _describe(cert))
     if len(uris) > 1:
@@ -98,29 +115,29 @@ def id_from_cert(cert: x509.Certificate) -> SpiffeID:
         raise X509SVIDError(f"{BAD_URI_SAN} ({err.rule})", uris[0]) from err
 
 
+def id_from_cert(cert: x509.Certificate) -> SpiffeID:
+    """The SPIFFE ID of a certificate: its one URI SAN, which must be a valid SPIFFE ID."""
+    return _id_from_uris(cert, _leaf_extensions(cert)[0])
+
+
 def check_leaf(cert: x509.Certificate) -> SpiffeID:
     """Check the X509-SVID leaf rules and return the leaf's SPIFFE ID."""
-    spiffe_id = id_from_cert(cert)
+    uris, constraints, usage, extended = _leaf_extensions(cert)
+    spiffe_id = _id_from_uris(cert, uris)
     if spiffe_id.is_trust_domain_id:
         raise X509SVIDError(LEAF_NO_PATH, str(spiffe_id))
-    key_usage: x509.KeyUsage | None = None
-    for extension in cert.extensions:
-        value = extension.value
-        if isinstance(value, x509.BasicConstraints):
-            if value.ca:
-                raise X509SVIDError(LEAF_IS_CA, str(spiffe_id))
-        elif isinstance(value, x509.KeyUsage):
-            key_usage = value
-        elif isinstance(value, x509.ExtendedKeyUsage) and (_SERVER_AUTH not in value or _CLIENT_AUTH not in value):
-            raise X509SVIDError(LEAF_EKU, str(spiffe_id))
-    if key_usage is None:
+    if constraints is not None and constraints.ca:
+        raise X509SVIDError(LEAF_IS_CA, str(spiffe_id))
+    if usage is None:
         raise X509SVIDError(LEAF_NO_KEY_USAGE, str(spiffe_id))
-    if not key_usage.digital_signature:
+    if not usage.digital_signature:
         raise X509SVIDError(LEAF_NO_DIGITAL_SIGNATURE, str(spiffe_id))
-    if key_usage.key_cert_sign:
+    if usage.key_cert_sign:
         raise X509SVIDError(LEAF_KEY_CERT_SIGN, str(spiffe_id))
-    if key_usage.crl_sign:
+    if usage.crl_sign:
         raise X509SVIDError(LEAF_CRL_SIGN, str(spiffe_id))
+    if extended is not None and (_SERVER_AUTH not in extended or _CLIENT_AUTH not in extended):
+        raise X509SVIDError(LEAF_EKU, str(spiffe_id))
     return spiffe_id
 
 

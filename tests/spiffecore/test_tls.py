@@ -22,6 +22,7 @@ from spiffecore import (
     SpiffeID,
     TLSConfigError,
     TrustDomain,
+    VerificationCache,
     VerificationError,
     VerifiedX509SVID,
 )
@@ -65,6 +66,7 @@ def handshake(
     *,
     server_authorizer: Authorizer | None = None,
     client_authorizer: Authorizer | None = None,
+    server_cache: VerificationCache | None = None,
 ) -> Outcome:
     """Run a real handshake over a socket pair, then each side's SPIFFE check, and exchange a byte."""
     outcome = Outcome()
@@ -76,7 +78,8 @@ def handshake(
         try:
             with server.wrap_socket(left, server_side=True) as tls:
                 outcome.server_chain = peer_chain(tls)
-                outcome.server = verify_peer(tls, bundles, server_authorizer or AuthorizeAny(), at=NOW)
+                authorizer = server_authorizer or AuthorizeAny()
+                outcome.server = verify_peer(tls, bundles, authorizer, at=NOW, cache=server_cache)
                 tls.sendall(tls.recv(1))
         except (ssl.SSLError, OSError, VerificationError, AuthorizationError) as err:
             outcome.server = err
@@ -239,3 +242,22 @@ def test_private_pem_file_is_private_and_gone_afterwards(use_memfd: bool) -> Non
             assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
             assert stat.S_IMODE(Path(path).parent.stat().st_mode) == 0o700
     assert not Path(path).exists()
+
+
+def test_a_reconnecting_peer_is_found_in_the_verification_cache(ca: TestCA, bundles: BundleSet) -> None:
+    server = server_context(ca.mint("/server").svid(), bundles)
+    client = client_context(ca.intermediate().mint("/client").svid(), bundles)
+    cache = VerificationCache()
+    first = handshake(server, client, bundles, server_cache=cache)
+    second = handshake(server, client, bundles, server_cache=cache)
+    assert isinstance(first.server, VerifiedX509SVID)
+    assert second.server == first.server
+    assert (cache.misses, cache.hits) == (1, 1)
+    refused = handshake(
+        server,
+        client,
+        bundles,
+        server_cache=cache,
+        server_authorizer=AuthorizeID(SpiffeID.parse("spiffe://example.org/someone-else")),
+    )
+    assert isinstance(refused.server, AuthorizationError), "a cache hit still goes through the authorizer"

@@ -6,6 +6,7 @@ compared exactly and the library's reason only for the words that show which che
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from spiffecore import (
     SpiffeBundle,
     SpiffeID,
     TrustDomain,
+    VerificationCache,
     VerificationError,
     VerifiedX509SVID,
     X509Bundle,
@@ -568,3 +570,104 @@ def test_empty_chain_fails(bundles: BundleSet, chain: Sequence[x509.Certificate]
     err = _refused(chain, bundles)
 
     assert str(err) == "x509svid: peer certificate chain is empty"
+
+
+# --- VerificationCache ------------------------------------------------------------------------
+
+
+def test_cache_returns_the_remembered_result_for_the_same_chain() -> None:
+    ca = TestCA.create("cache.example")
+    bundles = BundleSet.of(ca.bundle())
+    cache = VerificationCache()
+    chain = ca.intermediate().mint("/web").chain
+    first = verify_x509_svid(chain, bundles, at=NOW, cache=cache)
+    again = verify_x509_svid(chain, bundles, at=NOW + timedelta(minutes=5), cache=cache)
+    assert again is first
+    assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
+
+
+def test_cache_is_keyed_by_the_chain_bytes_not_the_objects() -> None:
+    ca = TestCA.create("cache.example")
+    bundles = BundleSet.of(ca.bundle())
+    cache = VerificationCache()
+    chain = ca.mint("/web").chain
+    reparsed = tuple(x509.load_der_x509_certificate(cert.public_bytes(Encoding.DER)) for cert in chain)
+    verify_x509_svid(chain, bundles, at=NOW, cache=cache)
+    verify_x509_svid(reparsed, bundles, at=NOW, cache=cache)
+    assert cache.hits == 1
+
+
+def test_cache_never_extends_a_certificates_validity() -> None:
+    ca = TestCA.create("cache.example")
+    bundles = BundleSet.of(ca.bundle())
+    cache = VerificationCache()
+    chain = ca.mint("/web", not_after=NOW + timedelta(minutes=10)).chain
+    verify_x509_svid(chain, bundles, at=NOW, cache=cache)
+    with pytest.raises(VerificationError, match="could not verify leaf certificate"):
+        verify_x509_svid(chain, bundles, at=NOW + timedelta(minutes=11), cache=cache)
+    with pytest.raises(VerificationError, match="could not verify leaf certificate"):
+        verify_x509_svid(chain, bundles, at=NOW - timedelta(hours=2), cache=cache)
+    assert cache.hits == 0
+
+
+def test_cache_misses_when_the_bundle_changes() -> None:
+    ca = TestCA.create("cache.example")
+    cache = VerificationCache()
+    chain = ca.mint("/web").chain
+    verify_x509_svid(chain, BundleSet.of(ca.bundle()), at=NOW, cache=cache)
+    rotated_away = BundleSet.of(TestCA.create("cache.example").bundle())
+    with pytest.raises(VerificationError, match="could not verify leaf certificate"):
+        verify_x509_svid(chain, rotated_away, at=NOW, cache=cache)
+    gone = BundleSet.of(TestCA.create("elsewhere.example").bundle())
+    with pytest.raises(VerificationError, match=r"could not get X\.509 bundle"):
+        verify_x509_svid(chain, gone, at=NOW, cache=cache)
+    assert cache.hits == 0
+
+
+def test_cache_remembers_no_failures_and_keeps_at_most_max_entries() -> None:
+    ca = TestCA.create("cache.example")
+    bundles = BundleSet.of(ca.bundle())
+    cache = VerificationCache(max_entries=2)
+    with pytest.raises(VerificationError):
+        verify_x509_svid(ca.mint("/ca", is_ca=True).chain, bundles, at=NOW, cache=cache)
+    assert len(cache) == 0
+    chains = [ca.mint(f"/w{i}").chain for i in range(3)]
+    for chain in chains:
+        verify_x509_svid(chain, bundles, at=NOW, cache=cache)
+    assert len(cache) == 2
+    verify_x509_svid(chains[0], bundles, at=NOW, cache=cache)
+    assert cache.hits == 0, "the oldest entry was evicted"
+    verify_x509_svid(chains[2], bundles, at=NOW, cache=cache)
+    assert cache.hits == 1
+    with pytest.raises(ValueError, match="max_entries must be at least 1, not 0"):
+        VerificationCache(max_entries=0)
+
+
+def test_cache_is_safe_to_share_between_threads() -> None:
+    ca = TestCA.create("cache.example")
+    bundles = BundleSet.of(ca.bundle())
+    cache = VerificationCache(max_entries=8)
+    chains = [ca.mint(f"/w{i}").chain for i in range(16)]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                for chain in chains:
+                    assert verify_x509_svid(chain, bundles, at=NOW, cache=cache).id.path == chain_path(chain)
+        except BaseException as err:  # noqa: BLE001 - collected and reported by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(cache) <= 8
+    assert cache.hits + cache.misses == 4 * 20 * 16
+
+
+def chain_path(chain: tuple[x509.Certificate, ...]) -> str:
+    uri = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return "/" + str(uri.get_values_for_type(x509.UniformResourceIdentifier)[0]).split("/", 3)[3]
