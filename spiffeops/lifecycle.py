@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-__all__ = ["wait_for_shutdown_signal", "write_private_file"]
+__all__ = ["wait_for_shutdown_signal", "write_atomically"]
 
 _TEMP_ATTEMPTS: Final = 10
 
@@ -46,8 +46,11 @@ async def wait_for_shutdown_signal(
                 signal.signal(sig, before)
 
 
-def write_private_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
+def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
     """Replace the file at ``path`` with ``data`` atomically, readable only as ``mode`` allows.
+
+    The default mode, 0600, is the one for private keys; public files (certificates, bundles)
+    pass their own.
 
     The data goes to a new file in the same directory, created with ``mode`` (set exactly, whatever
     the umask) before a byte is written, then flushed to disk and renamed over ``path``; the

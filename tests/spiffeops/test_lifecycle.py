@@ -12,7 +12,7 @@ from types import FrameType
 
 import pytest
 
-from spiffeops.lifecycle import wait_for_shutdown_signal, write_private_file
+from spiffeops.lifecycle import wait_for_shutdown_signal, write_atomically
 
 # --- signals -----------------------------------------------------------------------------------
 
@@ -102,7 +102,7 @@ def _mode(path: Path) -> int:
 
 def test_writes_a_new_private_file(tmp_path: Path) -> None:
     path = tmp_path / "svid_key.pem"
-    write_private_file(path, b"-----BEGIN PRIVATE KEY-----\n")
+    write_atomically(path, b"-----BEGIN PRIVATE KEY-----\n")
     assert path.read_bytes() == b"-----BEGIN PRIVATE KEY-----\n"
     assert _mode(path) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["svid_key.pem"]
@@ -112,16 +112,16 @@ def test_replaces_a_file_and_its_open_permissions(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
     path.write_bytes(b"old key, much longer than the new one")
     path.chmod(0o644)
-    write_private_file(str(path), b"new")
+    write_atomically(str(path), b"new")
     assert path.read_bytes() == b"new"
     assert _mode(path) == 0o600
 
 
 def test_a_reader_of_the_old_file_keeps_the_old_contents(tmp_path: Path) -> None:
     path = tmp_path / "bundle.pem"
-    write_private_file(path, b"old")
+    write_atomically(path, b"old")
     with path.open("rb") as reader:
-        write_private_file(path, b"new")
+        write_atomically(path, b"new")
         assert reader.read() == b"old"  # a new inode, renamed over: never a half-written file
     assert path.read_bytes() == b"new"
 
@@ -129,8 +129,8 @@ def test_a_reader_of_the_old_file_keeps_the_old_contents(tmp_path: Path) -> None
 def test_the_mode_is_exact_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
-        write_private_file(tmp_path / "shared.pem", b"x", mode=0o640)
-        write_private_file(tmp_path / "empty", b"", mode=0o400)
+        write_atomically(tmp_path / "shared.pem", b"x", mode=0o640)
+        write_atomically(tmp_path / "empty", b"", mode=0o400)
     finally:
         os.umask(old)
     assert _mode(tmp_path / "shared.pem") == 0o640
@@ -143,7 +143,7 @@ def test_a_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
     victim.write_bytes(b"untouched")
     link = tmp_path / "key.pem"
     link.symlink_to(victim)
-    write_private_file(link, b"key")
+    write_atomically(link, b"key")
     assert not link.is_symlink()
     assert link.read_bytes() == b"key"
     assert victim.read_bytes() == b"untouched"
@@ -151,7 +151,7 @@ def test_a_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
 
 def test_large_data(tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 7)
-    write_private_file(tmp_path / "big", data)
+    write_atomically(tmp_path / "big", data)
     assert (tmp_path / "big").read_bytes() == data
 
 
@@ -159,18 +159,18 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     target = tmp_path / "a_directory"
     target.mkdir()
     with pytest.raises(IsADirectoryError):
-        write_private_file(target, b"x")
+        write_atomically(target, b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["a_directory"]
     assert list(target.iterdir()) == []
 
 
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        write_private_file(tmp_path / "no" / "key.pem", b"x")
+        write_atomically(tmp_path / "no" / "key.pem", b"x")
 
 
 @pytest.mark.parametrize("mode", [0o1600, 0o4700, 0o10600])
 def test_mode_must_be_permission_bits(tmp_path: Path, mode: int) -> None:
     with pytest.raises(ValueError, match=f"^lifecycle: mode must be permission bits only, got {oct(mode)}$"):
-        write_private_file(tmp_path / "k", b"x", mode=mode)
+        write_atomically(tmp_path / "k", b"x", mode=mode)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,102 @@
+"""``server.yaml``: the control plane's configuration, with its defaults.
+
+Every key is optional but ``trust_domain``; unknown keys are errors naming the key and its line.
+Command-line flags of ``spiffe-server run`` override the file's values. A TTL that the CA could
+not honour in full (an SVID TTL above a sixth of the CA TTL) is an error here, at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Final, Literal
+
+from controlplane.ca.config import CAConfig
+from controlplane.ca.keys import KeyType
+from spiffecore import SpiffeIDError, TrustDomain
+from spiffeops.config import Duration
+
+DEFAULT_DATA_DIR: Final = Path(".spiffe-server")
+DEFAULT_BIND: Final = "127.0.0.1:8081"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CASection:
+    key_type: Literal["ec-p256", "ec-p384", "rsa-2048"] = "ec-p256"
+    jwt_key_type: Literal["ec-p256", "ec-p384", "rsa-2048"] = "ec-p256"
+    ttl: Duration = timedelta(hours=24)
+    upstream_cert: Path | None = None
+    upstream_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SVIDSection:
+    x509_ttl: Duration = timedelta(hours=1)
+    jwt_ttl: Duration = timedelta(minutes=5)
+    agent_ttl: Duration = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JoinTokenSection:
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class X509PopSection:
+    # PEM file of the CA certificates node certificates must chain to; x509pop is off without it.
+    ca_bundle: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttestorsSection:
+    join_token: JoinTokenSection = field(default_factory=JoinTokenSection)
+    x509pop: X509PopSection = field(default_factory=X509PopSection)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    trust_domain: str
+    data_dir: Path = DEFAULT_DATA_DIR
+    bind: str = DEFAULT_BIND
+    # Default: <data_dir>/admin/admin.sock (the directory is made 0700).
+    admin_socket: Path | None = None
+    # Default: SQLite in the data dir. PostgreSQL: postgresql+psycopg://user@host:5432/db
+    database_url: str | None = None
+    # HOST:PORT for /healthz, /readyz and /metrics; off when unset.
+    status: str | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "info"
+    # How often to re-read entry changes when no notification arrives (PostgreSQL sends them).
+    recheck_interval: Duration = timedelta(seconds=1)
+    ca: CASection = field(default_factory=CASection)
+    svid: SVIDSection = field(default_factory=SVIDSection)
+    attestors: AttestorsSection = field(default_factory=AttestorsSection)
+
+    def __post_init__(self) -> None:
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except SpiffeIDError as err:
+            raise ValueError(f"trust_domain is not valid: {err}") from err
+        self.ca_config()  # the TTL checks, at start-up
+
+    @property
+    def trust_domain_value(self) -> TrustDomain:
+        return TrustDomain.parse(self.trust_domain)
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.data_dir / "admin" / "admin.sock"
+
+    def ca_config(self) -> CAConfig:
+        return CAConfig(
+            trust_domain=self.trust_domain_value,
+            key_type=KeyType.parse(self.ca.key_type),
+            jwt_key_type=KeyType.parse(self.ca.jwt_key_type),
+            ca_ttl=self.ca.ttl,
+            x509_svid_ttl=self.svid.x509_ttl,
+            jwt_svid_ttl=self.svid.jwt_ttl,
+            agent_svid_ttl=self.svid.agent_ttl,
+            upstream_cert_path=self.ca.upstream_cert,
+            upstream_key_path=self.ca.upstream_key,
+        )
