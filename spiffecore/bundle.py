@@ -10,6 +10,17 @@
   an SVID's own trust domain, and it reads and writes SPIFFE bundle maps.
 
 Bundles of different trust domains are never merged.
+
+JWT authorities are the keys a JWT-SVID algorithm (JWT-SVID 2.1) can verify with: EC keys on P-256,
+P-384 or P-521 and RSA keys of at least 2048 bits. A JWKS entry of another key type (such as
+``OKP``), another curve (such as ``secp256k1``) or a shorter RSA key is skipped, as entries of
+unknown type are, so one such key does not make a whole bundle unusable. An entry is still an
+error when its key ID is missing or repeats one seen before (skipped entries included), or when
+its key cannot be parsed. :class:`JWTBundle` itself accepts only usable keys: a bundle we build can
+verify with every key it holds.
+
+An X.509 authority's public key is read when the bundle is built, so a certificate whose key
+cryptography cannot read (an unknown curve, a corrupt point) is refused there, not at first use.
 """
 
 from __future__ import annotations
@@ -23,12 +34,13 @@ from typing import Any, Final, Protocol, TypeAlias
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import Store
 
 from spiffecore.der import CERTIFICATE_PARSE_ERRORS, dump_der_certificates, dump_pem_certificates, load_der_certificates
-from spiffecore.errors import BundleError, BundleNotFoundError, SpiffeIDError
+from spiffecore.errors import BundleError, BundleNotFoundError, SpiffeIDError, quote
 from spiffecore.spiffeid import TrustDomain
 
 JWTPublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -43,6 +55,16 @@ _JWT_ALGORITHMS: Final = {
     "EC": frozenset({"ES256", "ES384", "ES512"}),
     "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
 }
+# The curves of ES256, ES384 and ES512, by JWK name and by cryptography's name.
+_JWT_CURVES: Final = frozenset({"P-256", "P-384", "P-521"})
+_JWT_CURVE_NAMES: Final = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+MIN_JWT_RSA_BITS: Final = 2048
+# Sequence numbers are uint64 in the SPIFFE bundle format. A refresh hint (seconds) is bounded by
+# int32 so it is a sane number for any consumer; choosing a sane poll interval within that range
+# (clamping tiny or huge hints) is the bundle poller's job, not the parser's.
+MAX_SEQUENCE: Final = 2**64 - 1
+MAX_REFRESH_HINT: Final = 2**31 - 1
+_LIMITS: Final = {"sequence": MAX_SEQUENCE, "refresh_hint": MAX_REFRESH_HINT}
 
 
 class X509BundleSource(Protocol):
@@ -74,6 +96,8 @@ class X509Bundle:
     _store: Store | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for certificate in self.authorities:
+            _authority_key(certificate, self.trust_domain)
         if self.authorities:
             object.__setattr__(self, "_store", Store(list(self.authorities)))
 
@@ -130,7 +154,17 @@ class JWTBundle:
                 raise BundleError("JWT authority key ID must not be empty", self.trust_domain.name)
             if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
                 raise BundleError("JWT authority key must be an EC or RSA public key", kid)
+            if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _JWT_CURVE_NAMES:
+                raise BundleError(f"JWT authority EC key must be on P-256, P-384 or P-521 (not {key.curve.name})", kid)
+            if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_JWT_RSA_BITS:
+                raise BundleError(
+                    f"JWT authority RSA key must have at least {MIN_JWT_RSA_BITS} bits (not {key.key_size})", kid
+                )
         object.__setattr__(self, "authorities", MappingProxyType(keys))
+
+    def __hash__(self) -> int:
+        # Consistent with the generated __eq__: equal bundles have the same trust domain and key IDs.
+        return hash((self.trust_domain, frozenset(self.authorities)))
 
     @classmethod
     def load_jwks(cls, trust_domain: TrustDomain, data: bytes | str) -> JWTBundle:
@@ -138,10 +172,11 @@ class JWTBundle:
         document = _load_json(data, trust_domain)
         keys = _jwks_keys(document, trust_domain)
         authorities: dict[str, JWTPublicKey] = {}
+        kids: set[str] = set()
         for index, entry in enumerate(keys):
             if not _usable(entry) or entry.get("use", JWT_SVID_USE) != JWT_SVID_USE:
                 continue
-            _add_jwt_authority(authorities, index, entry, trust_domain)
+            _add_jwt_authority(authorities, kids, index, entry, trust_domain)
         return cls(trust_domain=trust_domain, authorities=authorities)
 
     def jwks(self) -> bytes:
@@ -155,7 +190,7 @@ class JWTBundle:
             return self.authorities[kid]
         except KeyError:
             raise BundleNotFoundError(
-                f"no JWT authority with this key ID in trust domain {self.trust_domain.name!r}", kid
+                f"no JWT authority with this key ID in trust domain {quote(self.trust_domain.name)}", kid
             ) from None
 
     def jwt_bundle_for(self, trust_domain: TrustDomain) -> JWTBundle:
@@ -179,10 +214,14 @@ class SpiffeBundle:
                 f"X.509 and JWT parts belong to different trust domains ({self.jwt.trust_domain})",
                 self.x509.trust_domain.name,
             )
-        for name in ("sequence", "refresh_hint"):
+        for name, limit in _LIMITS.items():
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BundleError(f"{name} must be a non-negative integer", value)
+            if value > limit:
+                raise BundleError(f"{name} must be at most {limit}", value)
 
     @classmethod
     def create(
@@ -216,6 +255,7 @@ class SpiffeBundle:
         assert isinstance(document, dict)
         x509_authorities: list[x509.Certificate] = []
         jwt_authorities: dict[str, JWTPublicKey] = {}
+        kids: set[str] = set()
         for index, entry in enumerate(keys):
             if not _usable(entry):
                 continue
@@ -225,17 +265,21 @@ class SpiffeBundle:
                 if certificate is not None:
                     x509_authorities.append(certificate)
             elif use == JWT_SVID_USE:
-                _add_jwt_authority(jwt_authorities, index, entry, trust_domain)
+                _add_jwt_authority(jwt_authorities, kids, index, entry, trust_domain)
         return cls.create(
             trust_domain,
             x509_authorities=x509_authorities,
             jwt_authorities=jwt_authorities,
-            sequence=_optional_int(document, "spiffe_sequence", trust_domain),
-            refresh_hint=_optional_int(document, "spiffe_refresh_hint", trust_domain),
+            sequence=_optional_int(document, "spiffe_sequence", MAX_SEQUENCE, trust_domain),
+            refresh_hint=_optional_int(document, "spiffe_refresh_hint", MAX_REFRESH_HINT, trust_domain),
         )
 
     def to_document(self, *, include_refresh_hint: bool = True) -> dict[str, Any]:
-        """The bundle as a JSON-ready dict (the refresh hint may be left out, as in bundle maps)."""
+        """The bundle as a JSON-ready dict (the refresh hint may be left out, as in bundle maps).
+
+        Raises :class:`BundleError` for an X.509 authority whose key has no JWK form (such as a
+        P-224 or DSA key): such a bundle can verify, but not be written in the SPIFFE format.
+        """
         keys: list[dict[str, Any]] = []
         for certificate in self.x509.authorities:
             der = certificate.public_bytes(Encoding.DER)
@@ -269,11 +313,19 @@ class BundleSet:
     def __post_init__(self) -> None:
         bundles = dict(self.bundles)
         for trust_domain, bundle in bundles.items():
+            if not isinstance(trust_domain, TrustDomain):
+                raise TypeError(f"bundle set keys must be TrustDomain, not {type(trust_domain).__name__}")
+            if not isinstance(bundle, SpiffeBundle):
+                raise TypeError(f"bundle set values must be SpiffeBundle, not {type(bundle).__name__}")
             if bundle.trust_domain != trust_domain:
                 raise BundleError(
                     f"bundle of {bundle.trust_domain} filed under another trust domain", trust_domain.name
                 )
         object.__setattr__(self, "bundles", MappingProxyType(bundles))
+
+    def __hash__(self) -> int:
+        # Consistent with the generated __eq__, which compares the mappings.
+        return hash(frozenset(self.bundles.items()))
 
     @classmethod
     def of(cls, *bundles: SpiffeBundle) -> BundleSet:
@@ -313,22 +365,19 @@ class BundleSet:
         return json.dumps({"trust_domains": trust_domains}, separators=(",", ":")).encode()
 
     def get(self, trust_domain: TrustDomain) -> SpiffeBundle:
-        try:
-            return self.bundles[trust_domain]
-        except KeyError:
-            raise _not_found("SPIFFE", trust_domain) from None
+        return self._lookup(trust_domain, "SPIFFE")
 
     def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle:
-        bundle = self.bundles.get(trust_domain)
-        if bundle is None:
-            raise _not_found("X.509", trust_domain)
-        return bundle.x509
+        return self._lookup(trust_domain, "X.509").x509
 
     def jwt_bundle_for(self, trust_domain: TrustDomain) -> JWTBundle:
+        return self._lookup(trust_domain, "JWT").jwt
+
+    def _lookup(self, trust_domain: TrustDomain, kind: str) -> SpiffeBundle:
         bundle = self.bundles.get(trust_domain)
         if bundle is None:
-            raise _not_found("JWT", trust_domain)
-        return bundle.jwt
+            raise _not_found(kind, trust_domain)
+        return bundle
 
     def with_bundle(self, bundle: SpiffeBundle) -> BundleSet:
         """A copy with ``bundle`` added, or replacing the bundle of its trust domain."""
@@ -380,13 +429,34 @@ def _usable(entry: object) -> bool:
     return isinstance(kty, str) and kty in _KNOWN_KTY
 
 
-def _optional_int(document: dict[str, Any], name: str, trust_domain: TrustDomain) -> int | None:
+def _optional_int(document: dict[str, Any], name: str, limit: int, trust_domain: TrustDomain) -> int | None:
     value = document.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BundleError(f"{name} of {trust_domain.name} must be a non-negative integer", value)
+    if value > limit:
+        raise BundleError(f"{name} of {trust_domain.name} must be at most {limit}", value)
     return value
+
+
+def _authority_key(certificate: x509.Certificate, trust_domain: TrustDomain) -> object:
+    """The public key of an X.509 authority; cryptography parses it only when asked."""
+    try:
+        return certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise BundleError(f"X.509 authority public key is unreadable ({err})", trust_domain.name) from err
+
+
+def _key_type(key: object) -> str:
+    """The JWK ``kty`` of a certificate's public key ("" for a key type JWK has no name for)."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "EC"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return "OKP"
+    return ""
 
 
 def _x5c_certificate(index: int, entry: dict[str, Any], trust_domain: TrustDomain) -> x509.Certificate | None:
@@ -397,25 +467,44 @@ def _x5c_certificate(index: int, entry: dict[str, Any], trust_domain: TrustDomai
     if not isinstance(chain, list) or not isinstance(chain[0], str):
         raise BundleError(f"x509-svid entry {index} of {trust_domain.name}: x5c must be an array of strings", chain)
     try:
-        return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+        certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
     except CERTIFICATE_PARSE_ERRORS as err:  # binascii.Error is a ValueError
         raise BundleError(
             f"x509-svid entry {index} of {trust_domain.name}: could not parse x5c certificate ({err})", chain[0]
         ) from err
+    # As go-spiffe (go-jose) does, refuse an entry whose kty says another key than the certificate's.
+    key = _authority_key(certificate, trust_domain)
+    kty = _key_type(key)
+    if entry["kty"] != kty:
+        raise BundleError(
+            f"x509-svid entry {index} of {trust_domain.name}: key type (kty) does not match the x5c "
+            f"certificate's key ({kty or type(key).__name__})",
+            entry["kty"],
+        )
+    return certificate
 
 
 def _add_jwt_authority(
-    authorities: dict[str, JWTPublicKey], index: int, entry: dict[str, Any], trust_domain: TrustDomain
+    authorities: dict[str, JWTPublicKey], kids: set[str], index: int, entry: dict[str, Any], trust_domain: TrustDomain
 ) -> None:
+    """Add the key of a jwt-svid entry to ``authorities``, or skip a key no JWT-SVID algorithm can use.
+
+    ``kids`` collects every key ID seen, skipped keys included, so a repeated key ID is an error
+    whichever of its entries is usable.
+    """
     where = f"jwt-svid entry {index} of {trust_domain.name}"
     kid = entry.get("kid")
     if not isinstance(kid, str) or not kid:
         raise BundleError(f"{where}: key ID (kid) must be set")
-    if kid in authorities:
+    if kid in kids:
         raise BundleError(f"{where}: duplicate key ID", kid)
+    kids.add(kid)
     kty = entry.get("kty")
     if kty not in _JWT_ALGORITHMS:
-        raise BundleError(f"{where}: key type must be EC or RSA", kty)
+        return  # OKP: no JWT-SVID algorithm
+    curve = entry.get("crv")
+    if kty == "EC" and isinstance(curve, str) and curve not in _JWT_CURVES:
+        return  # secp256k1 and other curves: no JWT-SVID algorithm (a curve that is no string is malformed)
     algorithm = entry.get("alg")
     if algorithm is not None and (not isinstance(algorithm, str) or algorithm not in _JWT_ALGORITHMS[kty]):
         raise BundleError(f"{where}: algorithm (alg) must be a JWT-SVID algorithm for key type {kty}", algorithm)
@@ -425,15 +514,20 @@ def _add_jwt_authority(
         raise BundleError(f"{where}: could not parse key ({err})", kid) from err
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise BundleError(f"{where}: key must be a public key", kid)
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_JWT_RSA_BITS:
+        return  # too short for the JWT-SVID RSA algorithms
     authorities[kid] = key
 
 
 def _jwk(key: object) -> dict[str, Any]:
     """A public key as JWK members (``kty`` and the key's parameters)."""
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+        try:
+            return jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+        except jwt.InvalidKeyError as err:  # a curve JWK has no name for, such as P-224
+            raise BundleError("cannot express this public key as a JWK", f"EC key on {key.curve.name}") from err
     if isinstance(key, rsa.RSAPublicKey):
         return jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
-    if isinstance(key, ed25519.Ed25519PublicKey):
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return jwt.algorithms.OKPAlgorithm.to_jwk(key, as_dict=True)
     raise BundleError("cannot express this public key as a JWK", type(key).__name__)

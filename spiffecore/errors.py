@@ -43,12 +43,21 @@ class SpiffeError(Exception):
     layer = "spiffe"
 
     def __init__(self, rule: str, value: object = _NO_VALUE) -> None:
+        # ``args`` holds exactly what rebuilds the error, so pickle and copy (multiprocessing, logging
+        # handlers in other processes) reproduce it: ``(rule,)`` without a value, ``(rule, value)``
+        # with one, even when that value is ``None``.
+        if value is _NO_VALUE:
+            super().__init__(rule)
+        else:
+            super().__init__(rule, value)
         self.rule = rule
         self.value = None if value is _NO_VALUE else value
-        message = f"{self.layer}: {rule}"
-        if value is not _NO_VALUE:
-            message = f"{message}: {quote(value)}"
-        super().__init__(message)
+
+    def __str__(self) -> str:
+        message = f"{self.layer}: {self.rule}"
+        if len(self.args) > 1:
+            message = f"{message}: {quote(self.value)}"
+        return message
 
 
 class SpiffeIDError(SpiffeError, ValueError):
@@ -94,9 +103,13 @@ class AuthorizationError(SpiffeError):
     layer = "authorize"
 
     def __init__(self, peer: object, reason: str) -> None:
-        Exception.__init__(self, f"{self.layer}: {quote(str(peer))} is not allowed: {reason}")
+        peer_text = str(peer)
+        Exception.__init__(self, peer_text, reason)  # (peer, reason): what rebuilds it after pickle or copy
         self.rule = reason
-        self.value = str(peer)
+        self.value = peer_text
+
+    def __str__(self) -> str:
+        return f"{self.layer}: {quote(self.value)} is not allowed: {self.rule}"
 
 
 class PolicyError(SpiffeError, ValueError):

@@ -51,7 +51,7 @@ class TrustDomain:
     name: str
 
     def __post_init__(self) -> None:
-        _check_trust_domain_name(self.name, self.name)
+        _check_trust_domain_name(self.name)
 
     @classmethod
     def parse(cls, text: str) -> TrustDomain:
@@ -61,7 +61,7 @@ class TrustDomain:
             if spiffe_id.path:
                 raise SpiffeIDError(TRUST_DOMAIN_ID_WITH_PATH, text)
             return spiffe_id.trust_domain
-        _check_trust_domain_name(text, text)
+        _check_trust_domain_name(text)
         return _new_trust_domain(text)
 
     @property
@@ -87,7 +87,7 @@ class SpiffeID:
     def __post_init__(self) -> None:
         if not isinstance(self.trust_domain, TrustDomain):
             raise TypeError(f"trust_domain must be a TrustDomain, not {type(self.trust_domain)!r}")
-        _check_path(self.path, self.path, allow_empty=True)
+        _check_path(self.path)
         if len(self.trust_domain.name) + len(self.path) + len(SCHEME_PREFIX) > MAX_ID_BYTES:
             raise SpiffeIDError(TOO_LONG, SCHEME_PREFIX + self.trust_domain.name + self.path)
 
@@ -113,7 +113,7 @@ class SpiffeID:
     def from_segments(cls, trust_domain: TrustDomain, *segments: str) -> SpiffeID:
         """Build an ID from path segments; each must be a valid, non-empty segment."""
         for segment in segments:
-            _check_segment(segment, segment)
+            _check_segment(segment)
         return cls(trust_domain=trust_domain, path="".join("/" + s for s in segments))
 
     @property
@@ -153,35 +153,32 @@ def _has_dot_segment(path: str) -> bool:
     return any(segment in {".", ".."} for segment in path.split("/"))
 
 
-def _check_trust_domain_name(name: str, quoted: str) -> None:
+def _check_trust_domain_name(name: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"trust domain name must be a str, not {type(name)!r}")
     if _TRUST_DOMAIN_RE.fullmatch(name) is not None:
         if len(name) > MAX_TRUST_DOMAIN_BYTES:
-            raise SpiffeIDError(TRUST_DOMAIN_TOO_LONG, quoted)
+            raise SpiffeIDError(TRUST_DOMAIN_TOO_LONG, name)
         return
-    raise SpiffeIDError(_diagnose_trust_domain(name), quoted)
+    raise SpiffeIDError(_diagnose_trust_domain(name), name)
 
 
-def _check_segment(segment: str, quoted: str) -> None:
+def _check_segment(segment: str) -> None:
     if not segment:
-        raise SpiffeIDError(EMPTY_SEGMENT, quoted)
+        raise SpiffeIDError(EMPTY_SEGMENT, segment)
     if segment in {".", ".."}:
-        raise SpiffeIDError(DOT_SEGMENT, quoted)
+        raise SpiffeIDError(DOT_SEGMENT, segment)
     if _SEGMENT_RE.fullmatch(segment) is None:
-        raise SpiffeIDError(PERCENT if "%" in segment else BAD_PATH_CHAR, quoted)
+        raise SpiffeIDError(PERCENT if "%" in segment else BAD_PATH_CHAR, segment)
 
 
-def _check_path(path: str, quoted: str, *, allow_empty: bool) -> None:
+def _check_path(path: str) -> None:
+    """Check an ID's path; the empty path (a trust domain ID) is valid."""
     if not isinstance(path, str):
         raise TypeError(f"path must be a str, not {type(path)!r}")
-    if not path:
-        if allow_empty:
-            return
-        raise SpiffeIDError(EMPTY, quoted)
-    if _PATH_RE.fullmatch(path) is not None and not _has_dot_segment(path):
+    if not path or (_PATH_RE.fullmatch(path) is not None and not _has_dot_segment(path)):
         return
-    raise SpiffeIDError(_diagnose_path(path), quoted)
+    raise SpiffeIDError(_diagnose_path(path), path)
 
 
 def _diagnose_trust_domain(name: str) -> str:

@@ -8,6 +8,15 @@ applies the SPIFFE leaf rules and then the authorizer. A connection must not car
 :func:`verify_peer` has returned.
 
 Contexts allow TLS 1.2 and 1.3 only, and only AEAD cipher suites with forward secrecy.
+
+Session resumption is off: a resumed session carries no peer certificate chain, so there would be
+nothing for :func:`verify_peer` to verify. Servers issue no TLS 1.2 tickets (``OP_NO_TICKET``) and
+no TLS 1.3 tickets (``num_tickets = 0``); every connection is a full handshake. Should a session be
+resumed anyway, :func:`verify_peer` refuses it.
+
+A bundle authority need not be self-signed: with ``VERIFY_X509_PARTIAL_CHAIN`` OpenSSL accepts a
+path ending at any certificate of the bundle set (an intermediate used as a root, as go-spiffe
+accepts), like the verifier of :mod:`spiffecore.verify` does.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from cryptography import x509
 
 from spiffecore.authorize import Authorizer
 from spiffecore.bundle import BundleSet, X509BundleSource
-from spiffecore.der import dump_pem_certificates
+from spiffecore.der import CERTIFICATE_PARSE_ERRORS, dump_pem_certificates
 from spiffecore.errors import TLSConfigError, VerificationError
 from spiffecore.verify import VerificationCache, VerifiedX509SVID, verify_x509_svid
 from spiffecore.x509svid import X509SVID
@@ -33,16 +42,18 @@ from spiffecore.x509svid import X509SVID
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 _DER: Final = 2  # ssl's ENCODING_DER, for the certificates of the pre-3.13 private chain API
 HAVE_MEMFD: Final = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
+RESUMED_SESSION: Final = "resumed TLS session carries no peer certificate; session resumption must be disabled"
 
 
-def server_context(svid: X509SVID, bundles: BundleSet, *, session_tickets: int = 0) -> ssl.SSLContext:
-    """A server context presenting ``svid`` and requiring a client certificate.
+def server_context(svid: X509SVID, bundles: BundleSet) -> ssl.SSLContext:
+    """A server context presenting ``svid``, requiring a client certificate, issuing no session tickets.
 
-    ``session_tickets`` is the number of TLS 1.3 tickets sent per handshake; each costs the server
-    time, so the default is none unless clients resume sessions.
+    Resumed sessions carry no peer chain for :func:`verify_peer`, so no tickets are sent: neither
+    TLS 1.2 (``OP_NO_TICKET``) nor TLS 1.3 (``num_tickets``) ones.
     """
     context = _base_context(ssl.PROTOCOL_TLS_SERVER, svid, bundles)
-    context.num_tickets = session_tickets
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     return context
 
 
@@ -61,6 +72,8 @@ def _base_context(protocol: ssl._SSLMethod, svid: X509SVID | None, bundles: Bund
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
+    # Trust anchors need not be self-signed: a bundle may hold an intermediate as its authority.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     roots = [root for td in bundles for root in bundles.x509_bundle_for(td).authorities]
     if not roots:
         raise TLSConfigError("the bundle set has no X.509 authorities; no peer could be verified")
@@ -114,16 +127,20 @@ def peer_chain(connection: ssl.SSLObject | ssl.SSLSocket) -> tuple[x509.Certific
     """The certificate chain the peer presented, leaf first (empty if it sent none).
 
     Python 3.13 made ``get_unverified_chain`` public; 3.10 to 3.12 have it on the private
-    ``_sslobj``, returning certificate objects instead of DER bytes.
+    ``_sslobj``, returning certificate objects instead of DER bytes. A certificate that
+    cryptography cannot parse (OpenSSL is laxer, for instance about the version field) is a
+    :class:`VerificationError`.
     """
     getter = getattr(connection, "get_unverified_chain", None)
     if getter is None:
         getter = connection._sslobj.get_unverified_chain  # type: ignore[union-attr]
-    certificates = getter() or []
-    return tuple(
-        x509.load_der_x509_certificate(cert if isinstance(cert, bytes) else cert.public_bytes(_DER))
-        for cert in certificates
-    )
+    chain: list[x509.Certificate] = []
+    for index, cert in enumerate(getter() or []):
+        try:
+            chain.append(x509.load_der_x509_certificate(cert if isinstance(cert, bytes) else cert.public_bytes(_DER)))
+        except CERTIFICATE_PARSE_ERRORS as err:
+            raise VerificationError(f"peer certificate {index} could not be parsed ({err})") from err
+    return tuple(chain)
 
 
 def verify_peer(
@@ -140,6 +157,8 @@ def verify_peer(
     A :class:`VerificationCache` spares a reconnecting peer the second round of signature checks.
     """
     chain = peer_chain(connection)
+    if not chain and connection.session_reused:
+        raise VerificationError(RESUMED_SESSION)
     if not chain:
         raise VerificationError("peer presented no certificate")
     verified = verify_x509_svid(chain, bundles, at=at, cache=cache)

@@ -11,6 +11,23 @@ each full verification costs a signature check per certificate of the path. A re
 is reused only for the very same chain, while the bundle of its trust domain is still the very
 same bundle object (a rotated bundle is a new object) and while the time lies inside the validity
 periods of every certificate of the verified path. Failures are never remembered.
+
+The cache matches bundles by identity, not by value: comparing bundles would cost more than the
+signature checks it spares. A bundle source must therefore return the same :class:`X509Bundle`
+object for as long as the bundle does not change (as :class:`BundleSet` does); a source that
+builds a new object on every call gets no cache hits, never a wrong one.
+
+The rules applied, and the limits of the verifier, as reviewed:
+
+- The leaf rules are those of the X509-SVID specification, sections 4.3 and 4.4, as an SVID
+  must meet them. This is stricter than go-spiffe's ``x509svid.Verify``: a key usage extension
+  must be present and assert ``digitalSignature``, and an extended key usage, if present, must
+  hold both ``serverAuth`` and ``clientAuth``.
+- Paths are validated with cryptography's client-verifier policy, so an intermediate CA whose
+  extended key usage lacks ``clientAuth`` is refused (one without the extension is accepted).
+- A CA carrying URI name constraints is refused: cryptography does not evaluate URI name
+  constraints and fails closed on them. SPIFFE IDs are URI SANs, so such constraints could not be
+  honoured anyway; DNS and IP name constraints are evaluated as usual.
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ from spiffecore.spiffeid import SpiffeID
 from spiffecore.x509svid import check_leaf
 
 EMPTY_CHAIN: Final = "peer certificate chain is empty"
+NAIVE_TIME: Final = "at must be a timezone-aware datetime"
 NO_BUNDLE: Final = "could not get X.509 bundle"
 NOT_VERIFIED: Final = "could not verify leaf certificate"
 
@@ -84,7 +102,8 @@ class VerificationCache:
         self, chain: tuple[x509.Certificate, ...], bundles: X509BundleSource, at: datetime
     ) -> VerifiedX509SVID | None:
         """The remembered result for ``chain`` if it still holds at ``at``, else ``None``."""
-        remembered = self._entries.get(chain)
+        with self._lock:
+            remembered = self._entries.get(chain)
         if remembered is not None and remembered.not_before <= at <= remembered.not_after:
             try:
                 bundle: X509Bundle | None = bundles.x509_bundle_for(remembered.result.id.trust_domain)
@@ -128,7 +147,10 @@ def verify_x509_svid(
     rules, no bundle for the leaf's trust domain, or a chain that does not lead to one of that
     bundle's authorities within its validity period. With ``cache``, a chain verified before is
     accepted again without its signature checks while the conditions in the module's doc hold.
+    Raises ``ValueError`` for a naive ``at``: it would be compared with UTC validity periods.
     """
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(NAIVE_TIME)
     if not chain:
         raise VerificationError(EMPTY_CHAIN)
     if cache is not None:

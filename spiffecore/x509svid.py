@@ -31,6 +31,8 @@ from spiffecore.errors import SpiffeIDError, X509SVIDError
 from spiffecore.spiffeid import SpiffeID
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+_PRIVATE_KEY_TYPES: Final = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+"""The classes of :data:`PrivateKey`, for ``isinstance``."""
 MAX_HINT_BYTES: Final = 1024
 
 NO_URI_SAN: Final = "certificate contains no URI SAN"
@@ -142,14 +144,18 @@ def check_leaf(cert: x509.Certificate) -> SpiffeID:
 
 
 def check_signing_cert(cert: x509.Certificate) -> None:
-    """Check that a certificate after the leaf may sign certificates (CA, with keyCertSign)."""
+    """Check that a certificate after the leaf may sign certificates (CA, with keyCertSign).
+
+    Exact types, as in :func:`_leaf_extensions`: this too runs for every chain an SVID is built from.
+    """
     is_ca = False
     can_sign = False
     for extension in _extensions(cert):
         value = extension.value
-        if isinstance(value, x509.BasicConstraints):
+        kind = type(value)
+        if kind is x509.BasicConstraints:
             is_ca = value.ca
-        elif isinstance(value, x509.KeyUsage):
+        elif kind is x509.KeyUsage:
             can_sign = value.key_cert_sign
     if not is_ca:
         raise X509SVIDError(SIGNER_NOT_CA, _describe(cert))
@@ -175,9 +181,13 @@ class X509SVID:
         leaf_id = check_leaf(self.cert_chain[0])
         if leaf_id != self.id:
             raise X509SVIDError(f"{ID_MISMATCH} ({leaf_id})", str(self.id))
+        self._check_signers_key_and_hint()
+
+    def _check_signers_key_and_hint(self) -> None:
+        """The checks after the leaf rules: signing certificates, private key, hint."""
         for cert in self.cert_chain[1:]:
             check_signing_cert(cert)
-        if not isinstance(self.private_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        if not isinstance(self.private_key, _PRIVATE_KEY_TYPES):
             raise X509SVIDError(UNSUPPORTED_KEY, type(self.private_key).__name__)
         try:
             leaf_key = self.cert_chain[0].public_key()
@@ -199,7 +209,15 @@ class X509SVID:
         """Build an SVID from a parsed chain and key, taking the ID from the leaf."""
         if not cert_chain:
             raise X509SVIDError(EMPTY_CHAIN)
-        return cls(id=check_leaf(cert_chain[0]), cert_chain=cert_chain, private_key=private_key, hint=hint)
+        # The ID comes from check_leaf itself, so the constructor's second run of the leaf rules
+        # (and its ID comparison) is skipped; every other check still runs.
+        svid = object.__new__(cls)
+        object.__setattr__(svid, "id", check_leaf(cert_chain[0]))
+        object.__setattr__(svid, "cert_chain", cert_chain)
+        object.__setattr__(svid, "private_key", private_key)
+        object.__setattr__(svid, "hint", hint)
+        svid._check_signers_key_and_hint()
+        return svid
 
     @classmethod
     def load_pem(cls, cert_chain_pem: bytes, private_key_pem: bytes, *, hint: str = "") -> X509SVID:
@@ -264,7 +282,7 @@ class X509SVID:
 
 
 def _supported_key(key: object) -> PrivateKey:
-    if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+    if isinstance(key, _PRIVATE_KEY_TYPES):
         return key
     raise X509SVIDError(UNSUPPORTED_KEY, type(key).__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import stat
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from spiffecore import (
     X509SVID,
@@ -56,6 +59,9 @@ class Outcome:
     server_chain: tuple[object, ...] = field(default_factory=tuple)
     client_version: str | None = None
     client_cipher: tuple[str, str, int] | None = None
+    client_session: ssl.SSLSession | None = None
+    server_reused: bool | None = None
+    client_reused: bool | None = None
     echoed: bool = False
 
 
@@ -67,8 +73,12 @@ def handshake(
     server_authorizer: Authorizer | None = None,
     client_authorizer: Authorizer | None = None,
     server_cache: VerificationCache | None = None,
+    client_session: ssl.SSLSession | None = None,
 ) -> Outcome:
-    """Run a real handshake over a socket pair, then each side's SPIFFE check, and exchange a byte."""
+    """Run a real handshake over a socket pair, then each side's SPIFFE check, and exchange a byte.
+
+    ``client_session`` offers the session of an earlier connection for resumption.
+    """
     outcome = Outcome()
     left, right = socket.socketpair()
     left.settimeout(TIMEOUT)
@@ -77,9 +87,10 @@ def handshake(
     def serve() -> None:
         try:
             with server.wrap_socket(left, server_side=True) as tls:
-                outcome.server_chain = peer_chain(tls)
+                outcome.server_reused = tls.session_reused
                 authorizer = server_authorizer or AuthorizeAny()
                 outcome.server = verify_peer(tls, bundles, authorizer, at=NOW, cache=server_cache)
+                outcome.server_chain = peer_chain(tls)
                 tls.sendall(tls.recv(1))
         except (ssl.SSLError, OSError, VerificationError, AuthorizationError) as err:
             outcome.server = err
@@ -88,12 +99,14 @@ def handshake(
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        with client.wrap_socket(right) as tls:
+        with client.wrap_socket(right, session=client_session) as tls:
             outcome.client_version = tls.version()
             outcome.client_cipher = tls.cipher()
+            outcome.client_reused = tls.session_reused
             outcome.client = verify_peer(tls, bundles, client_authorizer or AuthorizeAny(), at=NOW)
             tls.sendall(b"x")
             outcome.echoed = tls.recv(1) == b"x"
+            outcome.client_session = tls.session  # after reading: TLS 1.3 tickets arrive after the handshake
     except (ssl.SSLError, OSError, VerificationError, AuthorizationError) as err:
         outcome.client = err
         right.close()
@@ -222,9 +235,105 @@ def test_tls_1_1_is_refused(ca: TestCA, bundles: BundleSet) -> None:
     assert isinstance(outcome.client, ssl.SSLError | OSError)
 
 
-def test_session_tickets_off_by_default_on_servers(ca: TestCA, bundles: BundleSet) -> None:
-    assert server_context(ca.mint().svid(), bundles).num_tickets == 0
-    assert server_context(ca.mint().svid(), bundles, session_tickets=2).num_tickets == 2
+def test_servers_issue_no_session_tickets(ca: TestCA, bundles: BundleSet) -> None:
+    context = server_context(ca.mint().svid(), bundles)
+    assert context.num_tickets == 0
+    assert context.options & ssl.OP_NO_TICKET
+
+
+def _client_up_to(version: ssl.TLSVersion, svid: X509SVID, bundles: BundleSet) -> ssl.SSLContext:
+    context = client_context(svid, bundles)
+    context.maximum_version = version
+    return context
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_client_offering_its_last_session_gets_a_full_handshake_that_verifies(
+    ca: TestCA, bundles: BundleSet, version: ssl.TLSVersion
+) -> None:
+    server = server_context(ca.mint("/server").svid(), bundles)
+    client = _client_up_to(version, ca.mint("/client").svid(), bundles)
+    first = handshake(server, client, bundles)
+    assert first.client_session is not None
+    assert not first.client_session.has_ticket
+
+    second = handshake(server, client, bundles, client_session=first.client_session)
+
+    assert second.client_version == version.name.replace("v1_", "v1.")
+    assert (second.server_reused, second.client_reused) == (False, False)
+    assert isinstance(second.server, VerifiedX509SVID)
+    assert isinstance(second.client, VerifiedX509SVID)
+    assert second.server.id == SpiffeID.parse("spiffe://example.org/client")
+    assert second.echoed
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_verify_peer_refuses_a_resumed_session_that_carries_no_chain(
+    ca: TestCA, bundles: BundleSet, version: ssl.TLSVersion
+) -> None:
+    """Why resumption is off: were a server context to issue tickets again, verify_peer still fails closed."""
+    server = server_context(ca.mint("/server").svid(), bundles)
+    server.options &= ~ssl.OP_NO_TICKET
+    server.num_tickets = 1
+    client = _client_up_to(version, ca.mint("/client").svid(), bundles)
+    first = handshake(server, client, bundles)
+    assert first.client_session is not None
+    assert first.client_session.has_ticket
+
+    resumed = handshake(server, client, bundles, client_session=first.client_session)
+
+    assert (resumed.server_reused, resumed.client_reused) == (True, True)
+    for error in (resumed.server, resumed.client):
+        assert isinstance(error, VerificationError)
+        assert str(error) == (
+            "x509svid: resumed TLS session carries no peer certificate; session resumption must be disabled"
+        )
+    assert not resumed.echoed
+
+
+def test_a_peer_certificate_cryptography_cannot_parse_is_a_verification_error(ca: TestCA, bundles: BundleSet) -> None:
+    """OpenSSL accepts a version-6 (field value 5) certificate in the chain; cryptography cannot parse it."""
+    svid = ca.mint("/client").svid()
+    der = ca.mint("/junk").leaf.public_bytes(Encoding.DER)
+    assert der.count(bytes.fromhex("a003020102")) == 1
+    junk = der.replace(bytes.fromhex("a003020102"), bytes.fromhex("a003020105"))
+    junk_pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(junk) + b"-----END CERTIFICATE-----\n"
+    client = client_context(None, bundles)
+    with private_pem_file(svid.cert_chain_pem() + junk_pem + svid.private_key_pem()) as path:
+        client.load_cert_chain(path)
+
+    outcome = handshake(server_context(ca.mint("/server").svid(), bundles), client, bundles)
+
+    assert isinstance(outcome.client, VerifiedX509SVID), "the handshake itself succeeded"
+    assert isinstance(outcome.server, VerificationError)
+    assert str(outcome.server) == "x509svid: peer certificate 1 could not be parsed (5 is not a valid X509 version)"
+    assert isinstance(outcome.server.__cause__, x509.InvalidVersion)
+    assert not outcome.echoed
+
+
+def test_a_bundle_whose_authority_is_an_intermediate_anchors_the_handshake(ca: TestCA) -> None:
+    """go-spiffe accepts an authority that is not self-signed; so do OpenSSL (partial chains) and the verifier."""
+    intermediate = ca.intermediate()
+    only_intermediate = BundleSet.of(SpiffeBundle.create(ca.trust_domain, x509_authorities=[intermediate.cert]))
+    server_svid = intermediate.mint("/server").svid()
+    client_svid = intermediate.mint("/client").svid()
+
+    outcome = handshake(
+        server_context(server_svid, only_intermediate),
+        client_context(client_svid, only_intermediate),
+        only_intermediate,
+    )
+
+    assert isinstance(outcome.server, VerifiedX509SVID)
+    assert isinstance(outcome.client, VerifiedX509SVID)
+    assert outcome.server.chain == client_svid.cert_chain  # leaf, then the intermediate as the anchor
+    assert outcome.echoed
+    strict = [server_context(server_svid, only_intermediate), client_context(client_svid, only_intermediate)]
+    for context in strict:
+        assert context.verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_flags &= ~ssl.VERIFY_X509_PARTIAL_CHAIN
+    refused = handshake(strict[0], strict[1], only_intermediate)
+    assert isinstance(refused.client, ssl.SSLError), "without partial chains OpenSSL looks for a self-signed root"
 
 
 def test_a_bundle_set_without_roots_cannot_make_a_context(ca: TestCA) -> None:

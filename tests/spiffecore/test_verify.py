@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from spiffecore import (
     BundleSet,
@@ -30,7 +31,7 @@ from spiffecore import (
     X509SVIDError,
     verify_x509_svid,
 )
-from tests.support.ca import HOUR, NOW, KeyType, Minted, TestCA, key_usage, new_key
+from tests.support.ca import CA_KEY_USAGE, HOUR, NOW, KeyType, Minted, TestCA, key_usage, new_key
 
 WORKLOAD = "spiffe://example.org/workload"
 NOT_VERIFIED = "x509svid: could not verify leaf certificate ("
@@ -402,6 +403,81 @@ def test_intermediate_that_is_an_ordinary_svid_fails(ca: TestCA, bundles: Bundle
     _assert_not_verified(err, WORKLOAD, NOT_A_CA)
 
 
+def _intermediate_with(ca: TestCA, *extensions: x509.ExtensionType) -> TestCA:
+    """An intermediate of ``ca`` carrying ``extensions`` (non-critical) besides the CA basics."""
+    key = new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "constrained intermediate")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - HOUR)
+        .not_valid_after(NOW + HOUR)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return TestCA(trust_domain=ca.trust_domain, key=key, cert=builder.sign(ca.key, hashes.SHA256()), parent=ca)
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        pytest.param(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.UniformResourceIdentifier("example.org")], excluded_subtrees=None
+            ),
+            id="permitted-uri",
+        ),
+        pytest.param(
+            x509.NameConstraints(
+                permitted_subtrees=None, excluded_subtrees=[x509.UniformResourceIdentifier("evil.org")]
+            ),
+            id="excluded-uri",
+        ),
+    ],
+)
+def test_ca_with_uri_name_constraints_is_refused(
+    ca: TestCA, bundles: BundleSet, constraints: x509.NameConstraints
+) -> None:
+    """cryptography does not evaluate URI name constraints and fails closed; so do we, even when they would allow."""
+    leaf = _intermediate_with(ca, constraints).mint()
+
+    err = _refused(leaf.chain, bundles)
+
+    _assert_not_verified(err, WORKLOAD, "unsupported name constraint")
+
+
+def test_ca_with_dns_name_constraints_verifies_a_uri_only_leaf(ca: TestCA, bundles: BundleSet) -> None:
+    constraints = x509.NameConstraints(permitted_subtrees=[x509.DNSName("example.org")], excluded_subtrees=None)
+    leaf = _intermediate_with(ca, constraints).mint()
+
+    assert _verify(leaf.chain, bundles).id == SpiffeID.parse(WORKLOAD)
+
+
+@pytest.mark.parametrize(
+    ("usages", "verifies"),
+    [
+        pytest.param([ExtendedKeyUsageOID.SERVER_AUTH], False, id="server-auth-only"),
+        pytest.param([ExtendedKeyUsageOID.CODE_SIGNING], False, id="code-signing-only"),
+        pytest.param([ExtendedKeyUsageOID.CLIENT_AUTH], True, id="client-auth-only"),
+        pytest.param([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], True, id="both"),
+    ],
+)
+def test_intermediate_whose_extended_key_usage_lacks_client_auth_is_refused(
+    ca: TestCA, bundles: BundleSet, usages: list[x509.ObjectIdentifier], verifies: bool
+) -> None:
+    """Paths are checked with a client-verifier policy: an intermediate's EKU, if present, must allow clientAuth."""
+    leaf = _intermediate_with(ca, x509.ExtendedKeyUsage(usages)).mint()
+
+    if verifies:
+        assert _verify(leaf.chain, bundles).id == SpiffeID.parse(WORKLOAD)
+    else:
+        _assert_not_verified(_refused(leaf.chain, bundles), WORKLOAD, "Neither EKU nor anyEKU could be found")
+
+
 def test_ca_whose_key_type_the_verifier_forbids_fails_cleanly() -> None:
     # cryptography's web PKI profile permits RSA and ECDSA signatures only; SPIRE's CAs use those too.
     root = TestCA.create("ed.example", key_type="ed25519")
@@ -575,6 +651,24 @@ def test_empty_chain_fails(bundles: BundleSet, chain: Sequence[x509.Certificate]
 # --- VerificationCache ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_naive_time_is_refused_with_or_without_cache(ca: TestCA, bundles: BundleSet, cached: bool) -> None:
+    chain = ca.mint().chain
+    cache = VerificationCache() if cached else None
+    verify_x509_svid(chain, bundles, at=NOW, cache=cache)  # a cache would now hold it
+    for at in (NOW.replace(tzinfo=None), datetime(2030, 1, 1)):  # naive on purpose
+        with pytest.raises(ValueError, match=r"^at must be a timezone-aware datetime$") as caught:
+            verify_x509_svid(chain, bundles, at=at, cache=cache)
+        assert not isinstance(caught.value, VerificationError)
+
+
+def test_a_time_in_another_zone_is_the_same_instant(ca: TestCA, bundles: BundleSet) -> None:
+    chain = ca.mint(not_after=NOW + timedelta(minutes=30)).chain
+    east = timezone(timedelta(hours=5))
+    assert _verify(chain, bundles, at=(NOW + timedelta(minutes=29)).astimezone(east)).id == SpiffeID.parse(WORKLOAD)
+    _refused(chain, bundles, at=(NOW + timedelta(minutes=31)).astimezone(east))
+
+
 def test_cache_returns_the_remembered_result_for_the_same_chain() -> None:
     ca = TestCA.create("cache.example")
     bundles = BundleSet.of(ca.bundle())
@@ -622,6 +716,26 @@ def test_cache_misses_when_the_bundle_changes() -> None:
     with pytest.raises(VerificationError, match=r"could not get X\.509 bundle"):
         verify_x509_svid(chain, gone, at=NOW, cache=cache)
     assert cache.hits == 0
+
+
+def test_cache_matches_bundles_by_identity_so_a_source_of_new_objects_never_hits() -> None:
+    ca = TestCA.create("cache.example")
+    bundle = ca.x509_bundle()
+
+    class FreshCopies:
+        """A bundle source that builds an equal but new bundle on every call."""
+
+        def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle:
+            return X509Bundle(trust_domain=trust_domain, authorities=bundle.authorities)
+
+    cache = VerificationCache()
+    chain = ca.mint("/web").chain
+    for _ in range(3):
+        assert verify_x509_svid(chain, FreshCopies(), at=NOW, cache=cache).id.path == "/web"
+    assert (cache.hits, cache.misses) == (0, 3)
+    for _ in range(2):
+        verify_x509_svid(chain, bundle, at=NOW, cache=cache)
+    assert (cache.hits, cache.misses) == (1, 4)
 
 
 def test_cache_remembers_no_failures_and_keeps_at_most_max_entries() -> None:

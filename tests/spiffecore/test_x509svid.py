@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from typing import Any
@@ -351,6 +352,24 @@ def test_constructing_directly_with_the_leafs_id_equals_from_chain(minted: Minte
     direct = X509SVID(id=SpiffeID.parse(WORKLOAD), cert_chain=minted.chain, private_key=minted.key)
 
     assert direct == minted.svid()
+
+
+def test_from_chain_builds_the_same_frozen_value_as_the_constructor(minted: Minted) -> None:
+    """from_chain skips the constructor's second run of the leaf rules; the value must not differ."""
+    built = X509SVID.from_chain(minted.chain, minted.key, hint="h")
+    direct = X509SVID(id=SpiffeID.parse(WORKLOAD), cert_chain=minted.chain, private_key=minted.key, hint="h")
+
+    assert (built.id, built.cert_chain, built.private_key, built.hint) == (
+        direct.id,
+        direct.cert_chain,
+        direct.private_key,
+        direct.hint,
+    )
+    assert built == direct
+    assert hash(built) == hash(direct)
+    assert repr(built) == repr(direct)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.hint = "changed"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
