@@ -21,6 +21,9 @@ MAX_SELECTORS: Final = 64
 MAX_DNS_NAMES: Final = 64
 MAX_TTL_SECONDS: Final = 366 * 24 * 3600
 RESERVED_SEGMENT: Final = "spire"
+SERVER_DNS_NAME: Final = "spiffe-server.internal"
+"""The DNS SAN of every server's own SVID. Agents check it (gRPC checks DNS names, not URIs)
+against the trust domain's roots, so no registration entry may carry it."""
 
 _SELECTOR_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _DNS_LABEL_RE: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -140,6 +143,8 @@ class RegistrationEntry:
             raise ModelError(f"entry must have at most {MAX_DNS_NAMES} DNS names", quoted)
         for name in self.dns_names:
             _check_dns_name(name)
+            if name == SERVER_DNS_NAME:
+                raise ModelError("entry DNS name is reserved for the control plane's servers", name)
         object.__setattr__(self, "dns_names", tuple(dict.fromkeys(self.dns_names)))
         if self.spiffe_id.trust_domain in self.federates_with:
             raise ModelError("entry cannot federate with its own trust domain", quoted)

@@ -106,6 +106,10 @@ def test_entry_normalises_selectors_dns_names_and_federation() -> None:
             "entry: DNS name must be lower-case labels of letters, digits and '-', at most 253 bytes: \"a.*.b\"",
         ),
         (
+            {"dns_names": ("spiffe-server.internal",)},
+            'entry: entry DNS name is reserved for the control plane\'s servers: "spiffe-server.internal"',
+        ),
+        (
             {"federates_with": (TD,)},
             'entry: entry cannot federate with its own trust domain: "spiffe://example.org/web"',
         ),

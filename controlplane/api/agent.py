@@ -1,0 +1,325 @@
+"""The agent API: attestation, agent SVID renewal, the entry watch, and SVID signing for agents.
+
+Every RPC but ``AttestAgent`` authenticates the agent by its TLS client certificate: gRPC has
+already verified the chain against the trust domain's roots; here the certificate must be an
+X509-SVID of an agent ID in this trust domain, of an agent the store knows, that is not banned,
+and it must be the agent's newest SVID (its serial). An agent can only ever obtain SVIDs for the
+entries authorized for it, whatever it asks for: the entry, not the CSR, decides the SPIFFE ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Final, Protocol, TypeVar
+
+import grpc
+from cryptography import x509
+
+from controlplane.api.convert import bundle_to_proto, entry_to_proto, to_unix, x509_svid_to_proto
+from controlplane.api.hub import EntryHub
+from controlplane.api.status import abort_with
+from controlplane.attest.base import Attestation, AttestationError, NodeAttestor
+from controlplane.authorized import diff
+from controlplane.model import AttestedAgent, ModelError, RegistrationEntry, is_agent_id
+from controlplane.store import Store
+from controlplane.store.errors import NotFoundError
+from spiffecore import SpiffeError, SpiffeID, TrustDomain
+from spiffecore.x509svid import check_leaf
+from spiffeproto import agent_pb2, agent_pb2_grpc, types_pb2
+
+MAX_BATCH: Final = 1000
+MAX_AUDIENCES: Final = 32
+DEFAULT_PAGE: Final = 1000
+MAX_PAGE: Final = 10_000
+FIRST_MESSAGE_TIMEOUT: Final = 30.0
+
+Context = grpc.aio.ServicerContext[object, object]
+T = TypeVar("T")
+
+
+class Signer(Protocol):
+    """What the agent API needs of the CA."""
+
+    def public_key_from_csr(self, csr_der: bytes) -> object: ...
+
+    def x509_svid(
+        self, spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
+    ) -> tuple[x509.Certificate, ...]: ...
+
+    def jwt_svid(
+        self, spiffe_id: SpiffeID, audience: tuple[str, ...], *, ttl: timedelta | None
+    ) -> tuple[str, datetime]:
+        """A JWT-SVID and its expiry."""
+        ...
+
+
+class AuthError(SpiffeError):
+    """The caller is not an agent that may use the agent API. The message says why."""
+
+    layer = "agent-api"
+
+
+class _Channel:
+    """The attestation conversation over the AttestAgent stream."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    async def challenge(self, challenge: bytes) -> bytes:
+        await self._context.write(agent_pb2.AttestAgentResponse(challenge=challenge))
+        message = await self._context.read()
+        if not isinstance(message, agent_pb2.AttestAgentRequest) or message.WhichOneof("step") != "challenge_response":
+            raise AttestationError("expected a challenge response")
+        return message.challenge_response
+
+
+class AgentService(agent_pb2_grpc.AgentAPIServicer):
+    """The agent API over the store, the entry hub and the CA."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        hub: EntryHub,
+        signer: Signer,
+        attestors: Mapping[str, NodeAttestor],
+        trust_domain: TrustDomain,
+        clock: Callable[[], datetime],
+        agent_svid_ttl: timedelta,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._signer = signer
+        self._attestors = attestors
+        self._trust_domain = trust_domain
+        self._clock = clock
+        self._agent_svid_ttl = agent_svid_ttl
+        self._authorized: dict[tuple[SpiffeID, tuple[object, ...]], tuple[int, dict[str, RegistrationEntry]]] = {}
+
+    async def _run(self, context: Context, call: Callable[..., T], *args: object) -> T:
+        try:
+            return await asyncio.to_thread(call, *args)
+        except SpiffeError as err:
+            await abort_with(context, err)
+
+    async def _authenticate(self, context: Context) -> AttestedAgent:
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "agent-api: an agent X.509-SVID is required as the client certificate"
+            )
+        try:
+            certificate = x509.load_pem_x509_certificate(next(iter(pems)))
+            spiffe_id = check_leaf(certificate)
+        except (ValueError, SpiffeError) as err:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"agent-api: client certificate is not an SVID ({err})"
+            )
+        if spiffe_id.trust_domain != self._trust_domain or not is_agent_id(spiffe_id):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f'agent-api: caller is not an agent of this trust domain: "{spiffe_id}"',
+            )
+        agent = await self._current_agent(context, spiffe_id)
+        if agent.serial != f"{certificate.serial_number:x}":
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f'agent-api: this agent SVID was superseded by a newer one: "{spiffe_id}"',
+            )
+        return agent
+
+    async def _current_agent(self, context: Context, spiffe_id: SpiffeID) -> AttestedAgent:
+        try:
+            agent = await asyncio.to_thread(self._store.get_agent, spiffe_id)
+        except NotFoundError:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f'agent-api: agent is not attested (or was evicted): "{spiffe_id}"'
+            )
+        except SpiffeError as err:
+            await abort_with(context, err)
+        if agent.banned:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f'agent-api: agent is banned: "{spiffe_id}"')
+        return agent
+
+    def _authorized_for(self, agent: AttestedAgent) -> dict[str, RegistrationEntry]:
+        """The entries ``agent`` may have, computed once per hub generation."""
+        key = (agent.spiffe_id, tuple(agent.selectors))
+        generation = self._hub.generation
+        cached = self._authorized.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        found = self._hub.index.authorized(agent.spiffe_id, agent.selectors)
+        if len(self._authorized) > 10_000:
+            self._authorized.clear()
+        self._authorized[key] = (generation, found)
+        return found
+
+    def _bundle(self) -> types_pb2.Bundle:
+        assert self._hub.bundle is not None, "the hub is loaded before the API serves"
+        return bundle_to_proto(self._hub.bundle)
+
+    def _sign_agent_svid(self, spiffe_id: SpiffeID, csr: bytes) -> tuple[x509.Certificate, ...]:
+        public_key = self._signer.public_key_from_csr(csr)
+        return self._signer.x509_svid(spiffe_id, public_key, dns_names=(), ttl=self._agent_svid_ttl)
+
+    # The challenge conversation needs the read/write style of a stream handler rather than a
+    # generator (an attestor awaits the agent's answer mid-way), which the generated stub's
+    # iterator-returning signature does not express.
+    async def AttestAgent(self, request_iterator: object, context: Context) -> None:  # type: ignore[override]  # noqa: N802
+        try:
+            first = await asyncio.wait_for(context.read(), FIRST_MESSAGE_TIMEOUT)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "agent-api: no attestation parameters received")
+        if not isinstance(first, agent_pb2.AttestAgentRequest) or first.WhichOneof("step") != "params":
+            await abort_with(context, ModelError("the first AttestAgent message must carry the attestation parameters"))
+        params = first.params
+        attestor = self._attestors.get(params.type)
+        if attestor is None:
+            await abort_with(
+                context,
+                ModelError(
+                    f"attestation type is unknown or not enabled (enabled: {', '.join(sorted(self._attestors))})",
+                    params.type,
+                ),
+            )
+        try:
+            attestation: Attestation = await attestor.attest(params.payload, _Channel(context))
+        except SpiffeError as err:
+            await abort_with(context, err)
+        existing = await self._existing_agent(context, attestation.agent_id)
+        if existing is not None and existing.banned:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f'agent-api: agent is banned: "{attestation.agent_id}"'
+            )
+        chain = await self._run(context, self._sign_agent_svid, attestation.agent_id, params.csr)
+        agent = AttestedAgent(
+            spiffe_id=attestation.agent_id,
+            attestation_type=attestor.name,
+            serial=f"{chain[0].serial_number:x}",
+            expires_at=chain[0].not_valid_after_utc,
+            selectors=attestation.selectors,
+            can_reattest=attestation.can_reattest,
+        )
+        await self._run(context, self._store.upsert_agent, agent)
+        result = agent_pb2.AttestationResult(
+            svid=x509_svid_to_proto(str(agent.spiffe_id), chain), bundle=self._bundle(), can_reattest=agent.can_reattest
+        )
+        await context.write(agent_pb2.AttestAgentResponse(result=result))
+
+    async def _existing_agent(self, context: Context, spiffe_id: SpiffeID) -> AttestedAgent | None:
+        try:
+            return await asyncio.to_thread(self._store.get_agent, spiffe_id)
+        except NotFoundError:
+            return None
+        except SpiffeError as err:
+            await abort_with(context, err)
+
+    async def RenewAgent(  # noqa: N802
+        self, request: agent_pb2.RenewAgentRequest, context: Context
+    ) -> agent_pb2.RenewAgentResponse:
+        agent = await self._authenticate(context)
+        chain = await self._run(context, self._sign_agent_svid, agent.spiffe_id, request.csr)
+        await self._run(
+            context,
+            self._store.set_agent_serial,
+            agent.spiffe_id,
+            f"{chain[0].serial_number:x}",
+            chain[0].not_valid_after_utc,
+        )
+        return agent_pb2.RenewAgentResponse(svid=x509_svid_to_proto(str(agent.spiffe_id), chain))
+
+    async def WatchEntries(  # noqa: N802
+        self, request: agent_pb2.WatchEntriesRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.WatchEntriesResponse]:
+        agent = await self._authenticate(context)
+        page_size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        generation = self._hub.generation
+        sent_bundle = self._hub.bundle
+        yield agent_pb2.WatchEntriesResponse(bundle=self._bundle())
+        current = self._authorized_for(agent)
+        ordered = sorted(current.values(), key=lambda entry: entry.id)
+        revision = self._hub.revision
+        for start in range(0, max(len(ordered), 1), page_size):
+            page = ordered[start : start + page_size]
+            last = start + page_size >= len(ordered)
+            snapshot = agent_pb2.SnapshotPage(entries=[entry_to_proto(e) for e in page], last=last, revision=revision)
+            yield agent_pb2.WatchEntriesResponse(snapshot=snapshot)
+        while True:
+            generation = await self._hub.changed(generation)
+            agent = await self._current_agent(context, agent.spiffe_id)
+            if self._hub.bundle is not sent_bundle:
+                sent_bundle = self._hub.bundle
+                yield agent_pb2.WatchEntriesResponse(bundle=self._bundle())
+            latest = self._authorized_for(agent)
+            upserted, removed = diff(current, latest)
+            current = latest
+            for start in range(0, max(len(upserted), len(removed)), page_size):
+                deltas = agent_pb2.EntryDeltas(
+                    upserted=[entry_to_proto(e) for e in upserted[start : start + page_size]],
+                    removed_ids=removed[start : start + page_size],
+                    revision=self._hub.revision,
+                )
+                yield agent_pb2.WatchEntriesResponse(deltas=deltas)
+
+    async def BatchNewX509SVID(  # noqa: N802
+        self, request: agent_pb2.BatchNewX509SVIDRequest, context: Context
+    ) -> agent_pb2.BatchNewX509SVIDResponse:
+        agent = await self._authenticate(context)
+        if len(request.params) > MAX_BATCH:
+            await abort_with(context, ModelError(f"a batch holds at most {MAX_BATCH} CSRs", len(request.params)))
+        authorized = self._authorized_for(agent)
+        results = await asyncio.to_thread(self._sign_batch, authorized, list(request.params))
+        return agent_pb2.BatchNewX509SVIDResponse(results=results)
+
+    def _sign_batch(
+        self, authorized: Mapping[str, RegistrationEntry], params: list[agent_pb2.NewX509SVIDParams]
+    ) -> list[agent_pb2.X509SVIDResult]:
+        results = []
+        for item in params:
+            entry = authorized.get(item.entry_id)
+            if entry is None:
+                results.append(
+                    agent_pb2.X509SVIDResult(
+                        error_code=grpc.StatusCode.PERMISSION_DENIED.value[0],
+                        error_message=f'agent-api: entry is not authorized for this agent: "{item.entry_id}"',
+                    )
+                )
+                continue
+            try:
+                public_key = self._signer.public_key_from_csr(item.csr)
+                ttl = timedelta(seconds=entry.x509_svid_ttl) if entry.x509_svid_ttl else None
+                chain = self._signer.x509_svid(entry.spiffe_id, public_key, dns_names=entry.dns_names, ttl=ttl)
+            except SpiffeError as err:
+                results.append(
+                    agent_pb2.X509SVIDResult(
+                        error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error_message=str(err)
+                    )
+                )
+                continue
+            results.append(agent_pb2.X509SVIDResult(svid=x509_svid_to_proto(str(entry.spiffe_id), chain)))
+        return results
+
+    async def NewJWTSVID(  # noqa: N802
+        self, request: agent_pb2.NewJWTSVIDRequest, context: Context
+    ) -> agent_pb2.NewJWTSVIDResponse:
+        agent = await self._authenticate(context)
+        entry = self._authorized_for(agent).get(request.entry_id)
+        if entry is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f'agent-api: entry is not authorized for this agent: "{request.entry_id}"',
+            )
+        audience = tuple(request.audience)
+        if not audience or len(audience) > MAX_AUDIENCES or not all(audience):
+            await abort_with(context, ModelError(f"a JWT-SVID needs 1 to {MAX_AUDIENCES} non-empty audiences"))
+        ttl = timedelta(seconds=entry.jwt_svid_ttl) if entry.jwt_svid_ttl else None
+        token, expires_at = await self._run(context, lambda: self._signer.jwt_svid(entry.spiffe_id, audience, ttl=ttl))
+        return agent_pb2.NewJWTSVIDResponse(spiffe_id=str(entry.spiffe_id), token=token, expires_at=to_unix(expires_at))
+
+    async def GetBundle(  # noqa: N802
+        self, request: agent_pb2.GetBundleRequest, context: Context
+    ) -> agent_pb2.GetBundleResponse:
+        await self._authenticate(context)
+        return agent_pb2.GetBundleResponse(bundle=self._bundle())

@@ -1,0 +1,364 @@
+"""spiffe-server's composition root: build the parts from the configuration, run them, stop them.
+
+Start-up order: open the store (migrating it), load or create the CA (its TTL checks already ran
+when the configuration was read), publish this server's authorities in the bundle, load every
+entry into the hub, issue the server's own SVID, then serve the agent API (TLS, TCP), the
+registration API (unix socket in a 0700 directory) and the status endpoint. Readiness turns true
+only then, and one line on stdout says so. SIGTERM or SIGINT stops the servers with a grace period
+for calls in flight, then the background tasks, then the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from controlplane.api.agent import AgentService
+from controlplane.api.hub import EntryHub
+from controlplane.api.registration import RegistrationService
+from controlplane.attest.base import NodeAttestor
+from controlplane.attest.join_token import JoinTokenAttestor
+from controlplane.attest.x509pop import X509PopAttestor
+from controlplane.ca.jwtca import sign_jwt_svid
+from controlplane.ca.manager import CAEvent, CAManager
+from controlplane.ca.svid import public_key_from_csr, sign_x509_svid
+from controlplane.config import ServerConfig
+from controlplane.model import SERVER_DNS_NAME, server_id
+from controlplane.store import ChangeFeed, Store, sqlite_url
+from spiffecore import SpiffeError, SpiffeID
+from spiffecore.der import dump_pem_certificates
+from spiffeops.lifecycle import wait_for_shutdown_signal, write_atomically
+from spiffeops.status import StatusServer, parse_host_port
+from spiffeproto import agent_pb2_grpc, registration_pb2_grpc
+
+TICK_INTERVAL: Final = 10.0
+SHUTDOWN_GRACE: Final = 5.0
+PRUNE_AFTER: Final = timedelta(hours=24)
+
+log = logging.getLogger("spiffe-server")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Metrics:
+    """The server's Prometheus metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.x509_signed = Counter("spiffe_server_x509_svids_signed", "X.509-SVIDs signed", registry=registry)
+        self.jwt_signed = Counter("spiffe_server_jwt_svids_signed", "JWT-SVIDs signed", registry=registry)
+        self.ca_expiry = Gauge(
+            "spiffe_server_x509_ca_expiry_timestamp_seconds", "When the active X.509 CA expires", registry=registry
+        )
+        self.entries = Gauge("spiffe_server_entries", "Registration entries known to this server", registry=registry)
+
+
+class CASigner:
+    """The agent API's signer over the CA manager: rotates before signing, publishes new authorities."""
+
+    def __init__(
+        self,
+        manager: CAManager,
+        *,
+        x509_ttl: timedelta,
+        jwt_ttl: timedelta,
+        clock: Callable[[], datetime],
+        on_events: Callable[[list[CAEvent]], None],
+        metrics: Metrics,
+    ) -> None:
+        self._manager = manager
+        self._x509_ttl = x509_ttl
+        self._jwt_ttl = jwt_ttl
+        self._clock = clock
+        self._on_events = on_events
+        self._metrics = metrics
+        self._lock = threading.Lock()
+
+    def tick(self) -> datetime:
+        """Take any rotation step due now; return the time the step was judged at."""
+        with self._lock:
+            now = self._clock()
+            events = self._manager.tick(now)
+        if events:
+            self._on_events(events)
+        self._metrics.ca_expiry.set(self._manager.x509_authority.not_after.timestamp())
+        return now
+
+    def public_key_from_csr(self, csr_der: bytes) -> object:
+        return public_key_from_csr(csr_der)
+
+    def x509_svid(
+        self, spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
+    ) -> tuple[x509.Certificate, ...]:
+        now = self.tick()
+        chain = sign_x509_svid(
+            self._manager.x509_authority,
+            spiffe_id=spiffe_id,
+            public_key=public_key,  # type: ignore[arg-type]
+            dns_names=dns_names,
+            ttl=ttl or self._x509_ttl,
+            now=now,
+        )
+        self._metrics.x509_signed.inc()
+        return chain
+
+    def jwt_svid(
+        self, spiffe_id: SpiffeID, audience: tuple[str, ...], *, ttl: timedelta | None
+    ) -> tuple[str, datetime]:
+        now = self.tick()
+        lifetime = ttl or self._jwt_ttl
+        token = sign_jwt_svid(
+            self._manager.jwt_authority, spiffe_id=spiffe_id, audience=audience, ttl=lifetime, now=now
+        )
+        self._metrics.jwt_signed.inc()
+        return token, now + lifetime
+
+
+@dataclass
+class ServerIdentity:
+    """The server's own SVID for the agent API's TLS, renewed at half its life."""
+
+    chain: tuple[x509.Certificate, ...]
+    key_pem: bytes
+    roots_pem: bytes
+
+    def renew_at(self) -> datetime:
+        leaf = self.chain[0]
+        return leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
+
+    def credentials(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key_pem, dump_pem_certificates(self.chain))], root_certificates=self.roots_pem
+        )
+
+
+class RotatingCredentials:
+    """Hands gRPC the newest server identity: it asks before every handshake."""
+
+    def __init__(self, identity: ServerIdentity) -> None:
+        self.current = identity
+        self._served: ServerIdentity | None = None
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration once per renewal; ``None`` (keep the current one) otherwise."""
+        current = self.current
+        if current is self._served:
+            return None
+        self._served = current
+        return current.credentials()
+
+
+def _server_instance_id(data_dir: Path) -> str:
+    """A stable ID for this server (its authorities are filed under it in the shared bundle)."""
+    path = data_dir / "server-id"
+    if path.exists():
+        return path.read_text().strip()
+    value = uuid.uuid4().hex
+    write_atomically(path, (value + "\n").encode(), mode=0o644)
+    return value
+
+
+def _attestors(config: ServerConfig, store: Store) -> dict[str, NodeAttestor]:
+    trust_domain = config.trust_domain_value
+    attestors: dict[str, NodeAttestor] = {}
+    if config.attestors.join_token.enabled:
+        attestors["join_token"] = JoinTokenAttestor(trust_domain=trust_domain, tokens=store, clock=utcnow)
+    if config.attestors.x509pop.ca_bundle is not None:
+        roots = x509.load_pem_x509_certificates(config.attestors.x509pop.ca_bundle.read_bytes())
+        attestors["x509pop"] = X509PopAttestor(trust_domain=trust_domain, roots=roots, clock=utcnow)
+    return attestors
+
+
+class Server:
+    """A running spiffe-server."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.ready = False
+        self.agent_port = 0
+
+    def readiness(self) -> tuple[bool, str]:
+        return (True, "serving") if self.ready else (False, "starting")
+
+    async def run(self, *, announce: Callable[[str], None] = print, stop: asyncio.Event | None = None) -> None:
+        config = self.config
+        trust_domain = config.trust_domain_value
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        instance = _server_instance_id(data_dir)
+        url = config.database_url or sqlite_url(data_dir)
+        store = await asyncio.to_thread(Store.open, url)
+        status: StatusServer | None = None
+        tasks: list[asyncio.Task[None]] = []
+        servers: list[grpc.aio.Server] = []
+        feed: ChangeFeed | None = None
+        try:
+            manager = await asyncio.to_thread(CAManager.load_or_create, data_dir, config.ca_config(), now=utcnow())
+            hub = EntryHub(store, trust_domain, recheck=timedelta(seconds=5))
+
+            def publish(events: Sequence[CAEvent]) -> None:
+                for event in events:
+                    log.info(
+                        "ca: %s", event.kind.name.lower().replace("_", " "), extra={"authority": event.authority_id}
+                    )
+                self._publish(store, instance, manager)
+                hub.poke()
+
+            signer = CASigner(
+                manager,
+                x509_ttl=config.svid.x509_ttl,
+                jwt_ttl=config.svid.jwt_ttl,
+                clock=utcnow,
+                on_events=publish,
+                metrics=self.metrics,
+            )
+            await asyncio.to_thread(self._publish, store, instance, manager)
+            await asyncio.to_thread(signer.tick)
+            await hub.load()
+            self.metrics.entries.set(len(hub.index))
+            feed = ChangeFeed(store, recheck_interval=config.recheck_interval.total_seconds())
+            feed.subscribe(lambda _version: hub.poke())
+            await asyncio.to_thread(feed.start)
+            tasks.append(asyncio.create_task(hub.run(), name="entry-hub"))
+
+            identity = RotatingCredentials(await asyncio.to_thread(self._issue_identity, signer, store, trust_domain))
+
+            agent_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            agent_pb2_grpc.add_AgentAPIServicer_to_server(
+                AgentService(
+                    store=store,
+                    hub=hub,
+                    signer=signer,
+                    attestors=_attestors(config, store),
+                    trust_domain=trust_domain,
+                    clock=utcnow,
+                    agent_svid_ttl=config.svid.agent_ttl,
+                ),
+                agent_server,
+            )
+            credentials = grpc.dynamic_ssl_server_credentials(
+                identity.current.credentials(),
+                identity.fetch,  # type: ignore[arg-type]  # gRPC takes None as "no change"; its stub says otherwise
+                require_client_authentication=False,
+            )
+            host, port = parse_host_port(config.bind)
+            self.agent_port = agent_server.add_secure_port(
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}", credentials
+            )
+            servers.append(agent_server)
+
+            admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            registration_pb2_grpc.add_RegistrationAPIServicer_to_server(
+                RegistrationService(store=store, trust_domain=trust_domain, clock=utcnow, on_change=hub.poke),
+                admin_server,
+            )
+            socket_path = _prepare_admin_socket(config.admin_socket_path)
+            admin_server.add_insecure_port(f"unix:{socket_path}")
+            servers.append(admin_server)
+
+            for server in servers:
+                await server.start()
+            if config.status is not None:
+                status_host, status_port = parse_host_port(config.status)
+                status = StatusServer(status_host, status_port, readiness=self.readiness, registry=self.registry)
+                status.start()
+
+            async def rotate() -> None:
+                next_prune = utcnow()
+                while True:
+                    await asyncio.sleep(TICK_INTERVAL)
+                    try:
+                        await asyncio.to_thread(signer.tick)
+                        if utcnow() >= identity.current.renew_at():
+                            identity.current = await asyncio.to_thread(
+                                self._issue_identity, signer, store, trust_domain
+                            )
+                        if utcnow() >= next_prune:
+                            await asyncio.to_thread(store.remove_expired_authorities, utcnow() - PRUNE_AFTER)
+                            await asyncio.to_thread(store.remove_expired_join_tokens, utcnow())
+                            next_prune = utcnow() + timedelta(hours=1)
+                        self.metrics.entries.set(len(hub.index))
+                    except SpiffeError:
+                        log.exception("rotation step failed; retrying in %ss", TICK_INTERVAL)
+
+            tasks.append(asyncio.create_task(rotate(), name="ca-rotation"))
+            self.ready = True
+            log.info(
+                "spiffe-server ready",
+                extra={
+                    "trust_domain": trust_domain.name,
+                    "agent_api": f"{host}:{self.agent_port}",
+                    "admin_socket": str(socket_path),
+                },
+            )
+            announce(
+                f"spiffe-server ready: trust domain {trust_domain.name}, agent API on {host}:{self.agent_port}, "
+                f"admin socket {socket_path}"
+            )
+            if stop is None:
+                received = await wait_for_shutdown_signal()
+                log.info("shutting down", extra={"signal": received.name})
+            else:
+                await stop.wait()
+        finally:
+            self.ready = False
+            for server in servers:
+                await server.stop(SHUTDOWN_GRACE)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if status is not None:
+                status.stop()
+            if feed is not None:
+                await asyncio.to_thread(feed.close)
+            await asyncio.to_thread(store.close)
+
+    @staticmethod
+    def _publish(store: Store, instance: str, manager: CAManager) -> None:
+        """Put this server's current and prepared authorities into the shared bundle."""
+        for root in manager.x509_roots():
+            store.add_x509_authority(instance, root)
+        for authority in (manager.jwt_authority, manager.next_jwt_authority):
+            if authority is not None:
+                store.add_jwt_authority(instance, authority.kid, authority.public_key, authority.not_after)
+
+    @staticmethod
+    def _issue_identity(signer: CASigner, store: Store, trust_domain: object) -> ServerIdentity:
+        key = ec.generate_private_key(ec.SECP256R1())
+        spiffe_id = server_id(trust_domain)  # type: ignore[arg-type]
+        chain = signer.x509_svid(spiffe_id, key.public_key(), dns_names=(SERVER_DNS_NAME,), ttl=None)
+        bundle = store.get_bundle(spiffe_id.trust_domain)
+        return ServerIdentity(
+            chain=chain,
+            key_pem=key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
+            roots_pem=dump_pem_certificates(bundle.x509.authorities),
+        )
+
+
+def _prepare_admin_socket(path: Path) -> Path:
+    """Make the socket's directory 0700 and remove a stale socket file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)  # noqa: PTH101 - the directory, whatever the umask made it
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return path
