@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install proto lint test unit demo bench clean
+.PHONY: help install proto services lint test unit demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,7 +32,15 @@ lint: proto ## ruff, mypy --strict and the import-linter contracts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-unit: proto ## the test suite alone
+# The store's tests run against PostgreSQL on 127.0.0.1:5432 as well as SQLite.
+services: ## start the local PostgreSQL if it is not running
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+	  command -v pg_ctlcluster >/dev/null || { echo "PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }; \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
+	  for i in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
+	  pg_isready -h 127.0.0.1 -p 5432; }
+
+unit: proto services ## the test suite alone
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint unit ## lint, types, import contracts and the whole test suite
