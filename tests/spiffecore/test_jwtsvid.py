@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
@@ -10,11 +11,14 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spiffecore import JWTSVID, BundleSet, JWTBundle, JWTSVIDError, SpiffeBundle, SpiffeID, TrustDomain
+from spiffecore.jwtsvid import _decode_segment
 from tests.support.ca import NOW, TestCA, compact
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
@@ -121,6 +125,10 @@ def _signed(
             lambda ca: _signed(ca, header={"typ": "at+jwt"}),
             'jwtsvid: token type must be JWT or JOSE when present: "at+jwt"',
         ),
+        (
+            lambda ca: _signed(ca, header={"typ": ["JWT"]}),
+            "jwtsvid: token type must be JWT or JOSE when present: \"['JWT']\"",
+        ),
         (lambda ca: _signed(ca, drop=("sub",)), "jwtsvid: token has no subject (sub) claim"),
         (lambda ca: _signed(ca, payload={"sub": ""}), "jwtsvid: token has no subject (sub) claim"),
         (lambda ca: _signed(ca, payload={"sub": 42}), "jwtsvid: token has no subject (sub) claim"),
@@ -154,6 +162,12 @@ def _signed(
         (
             lambda ca: _signed(ca, payload={"exp": float("inf")}),
             'jwtsvid: token time claims (exp, nbf, iat) must be finite numbers: "exp=inf"',
+        ),
+        (
+            lambda ca: _signed(ca, payload={"exp": 10**400}),
+            'jwtsvid: token time claims (exp, nbf, iat) must be finite numbers: "exp=1'
+            + "0" * 195
+            + '"... (405 characters)',
         ),
         (
             lambda ca: _signed(ca, payload={"nbf": "x"}),
@@ -262,6 +276,62 @@ def test_bad_signatures(ca: TestCA, bundles: BundleSet) -> None:
     assert str(_error(lambda: _validate(short_signature, bundles))) == "jwtsvid: token signature is not valid"
 
 
+BAD_SIGNATURE = "jwtsvid: token signature is not valid"
+
+
+def _resigned(token: str, signature: bytes) -> str:
+    """``token`` with its signature replaced by ``signature``."""
+    return token.rsplit(".", 1)[0] + "." + jwt.utils.base64url_encode(signature).decode()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "digest"), [("ES256", hashes.SHA256()), ("ES384", hashes.SHA384()), ("ES512", hashes.SHA512())]
+)
+def test_ecdsa_signature_must_be_r_and_s_of_exactly_the_curve_size(
+    algorithm: str, digest: hashes.HashAlgorithm, ca: TestCA, keys: dict[str, Any], bundles: BundleSet
+) -> None:
+    """RFC 7518 3.4: r || s, each exactly as long as the curve's order in bytes; no DER, no bytes more or less."""
+    token = ca.mint_jwt(algorithm=algorithm, key=keys[algorithm], kid=f"k-{algorithm}")
+    size = {"ES256": 32, "ES384": 48, "ES512": 66}[algorithm]
+    signing_input = token.rsplit(".", 1)[0].encode()
+    for _ in range(10_000):  # a signature whose s has a leading zero byte: 1 in 256 (1 in 2 for P-521)
+        r, s = decode_dss_signature(keys[algorithm].sign(signing_input, ec.ECDSA(digest)))
+        if s < 1 << (8 * (size - 1)):
+            break
+    else:
+        pytest.fail("no signature with a short s")
+    signature = r.to_bytes(size) + s.to_bytes(size)
+    assert _validate(_resigned(token, signature), bundles)
+    variants = (
+        r.to_bytes(size) + s.to_bytes(size - 1),  # the same r and s, s without its leading zero byte
+        r.to_bytes(size + 1) + s.to_bytes(size + 1),  # the same r and s, each one byte wider
+        signature + b"\x00",
+        b"\x00" + signature,
+        signature[:-1],
+        encode_dss_signature(r, s),
+    )
+    for variant in variants:
+        forged = _resigned(token, variant)
+        assert str(_error(lambda forged=forged: _validate(forged, bundles))) == BAD_SIGNATURE  # type: ignore[misc]
+
+
+def test_pss_salt_must_be_as_long_as_the_hash(ca: TestCA, keys: dict[str, Any], bundles: BundleSet) -> None:
+    """RFC 7518 3.5: PS256 is PSS with MGF1-SHA-256 and a 32-byte salt; other parameters do not verify."""
+    token = ca.mint_jwt(algorithm="PS256", key=keys["rsa"], kid="k-rsa")
+    signing_input = token.rsplit(".", 1)[0].encode()
+    sha256 = hashes.SHA256()
+
+    def pss(mgf_hash: hashes.HashAlgorithm, salt_length: int) -> str:
+        scheme = padding.PSS(mgf=padding.MGF1(mgf_hash), salt_length=salt_length)
+        return _resigned(token, keys["rsa"].sign(signing_input, scheme, sha256))
+
+    assert _validate(pss(sha256, 32), bundles)
+    pkcs1 = _resigned(token, keys["rsa"].sign(signing_input, padding.PKCS1v15(), sha256))
+    longest_salt = keys["rsa"].key_size // 8 - sha256.digest_size - 2
+    for forged in (pss(sha256, longest_salt), pss(sha256, 0), pss(hashes.SHA384(), 32), pkcs1):
+        assert str(_error(lambda forged=forged: _validate(forged, bundles))) == BAD_SIGNATURE  # type: ignore[misc]
+
+
 NOT_COMPACT = "jwtsvid: token must be a JWS in compact serialization (three base64url parts separated by dots)"
 
 
@@ -298,6 +368,48 @@ def test_non_canonical_base64_is_rejected(ca: TestCA, bundles: BundleSet) -> Non
     assert str(_error(lambda: _validate(f"{header}.{payload}.{twin}", bundles))) == NOT_COMPACT
 
 
+BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _reference_decode(segment: str) -> bytes | None:
+    """Strict unpadded base64url the plain way: decode leniently, then require the canonical encoding back."""
+    try:
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except ValueError:  # binascii.Error, or a non-ASCII character
+        return None
+    return decoded if base64.urlsafe_b64encode(decoded).rstrip(b"=") == segment.encode() else None
+
+
+def _check_decoder_against_reference(segment: str) -> None:
+    expected = _reference_decode(segment)
+    if expected is None:
+        with pytest.raises(JWTSVIDError) as caught:
+            _decode_segment(segment.encode("ascii"))
+        assert str(caught.value) == NOT_COMPACT
+    else:
+        assert _decode_segment(segment.encode("ascii")) == expected
+
+
+@settings(max_examples=3000)
+@given(
+    st.one_of(
+        st.text(st.characters(codec="ascii")),
+        st.text(st.sampled_from(BASE64URL + "+/=")),
+        st.binary().map(lambda data: jwt.utils.base64url_encode(data).decode()),
+    )
+)
+def test_segment_decoder_accepts_and_rejects_as_the_reference_does(segment: str) -> None:
+    _check_decoder_against_reference(segment)
+
+
+@pytest.mark.parametrize("prefix", ["", "Q", "QU", "QUF", "QUFB"])
+def test_segment_decoder_over_every_ascii_last_character(prefix: str) -> None:
+    """Every ASCII character as the last one, for each length modulo 4: only canonical forms decode."""
+    for code in range(128):
+        _check_decoder_against_reference(prefix + chr(code))
+        _check_decoder_against_reference(chr(code) + prefix)
+
+
 @pytest.mark.parametrize(
     ("header", "payload", "message"),
     [
@@ -305,6 +417,9 @@ def test_non_canonical_base64_is_rejected(ca: TestCA, bundles: BundleSet) -> Non
         (b"[1,2]", b"{}", "jwtsvid: token header must be a JSON object"),
         (b'{"alg":"ES256","kid":"jwt-key-1"}', b"[]", "jwtsvid: token claims must be a JSON object"),
         (b'{"alg":"ES256","kid":"jwt-key-1"}', b"\xff\xfe", "jwtsvid: token claims must be a JSON object"),
+        # RFC 7515 2: the header and claims are UTF-8; no other encoding, no byte-order mark.
+        ('{"alg":"ES256","kid":"jwt-key-1"}'.encode("utf-16"), b"{}", "jwtsvid: token header must be a JSON object"),
+        ('{"alg":"ES256","kid":"jwt-key-1"}'.encode("utf-8-sig"), b"{}", "jwtsvid: token header must be a JSON object"),
         (b'{"alg":"ES256","kid":"jwt-key-1"}', b"[" * 100_000, "jwtsvid: token claims must be a JSON object"),
     ],
 )
@@ -368,3 +483,11 @@ def test_any_single_character_change_is_rejected(data: st.DataObject) -> None:
 
 _FUZZ_CA = TestCA.create("fuzz.example")
 _FUZZ_TOKEN = _FUZZ_CA.mint_jwt(audience="service-a")
+
+
+def test_a_naive_time_is_refused(ca: TestCA, bundles: BundleSet) -> None:
+    naive = NOW.replace(tzinfo=None)
+    with pytest.raises(ValueError, match=r"^at must be a timezone-aware datetime$"):
+        JWTSVID.parse_and_validate(ca.mint_jwt(), bundles, "service-a", at=naive)
+    with pytest.raises(ValueError, match=r"^at must be a timezone-aware datetime$"):
+        JWTSVID.parse_insecure(ca.mint_jwt(), "service-a", at=naive)
