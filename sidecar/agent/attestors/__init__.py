@@ -1,0 +1,1 @@
+"""Workload attestors: what the agent learns of a calling process, as selectors."""
