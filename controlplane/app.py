@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from controlplane.api.agent import AgentService
+from controlplane.api.agent import ATTESTATION_CLIENT_CERT_PEM, AgentService
 from controlplane.api.hub import EntryHub
 from controlplane.api.registration import RegistrationService
 from controlplane.attest.base import NodeAttestor
@@ -40,7 +40,7 @@ from controlplane.ca.svid import public_key_from_csr, sign_x509_svid
 from controlplane.config import ServerConfig
 from controlplane.model import SERVER_DNS_NAME, server_id
 from controlplane.store import ChangeFeed, Store, sqlite_url
-from spiffecore import SpiffeError, SpiffeID
+from spiffecore import SpiffeBundle, SpiffeError, SpiffeID, TrustDomain
 from spiffecore.der import dump_pem_certificates
 from spiffeops.lifecycle import wait_for_shutdown_signal, write_atomically
 from spiffeops.status import StatusServer, parse_host_port
@@ -103,6 +103,10 @@ class CASigner:
     def public_key_from_csr(self, csr_der: bytes) -> object:
         return public_key_from_csr(csr_der)
 
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The root(s) the active authority's SVIDs chain to."""
+        return self._manager.x509_authority.roots
+
     def x509_svid(
         self, spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
     ) -> tuple[x509.Certificate, ...]:
@@ -136,32 +140,59 @@ class ServerIdentity:
 
     chain: tuple[x509.Certificate, ...]
     key_pem: bytes
-    roots_pem: bytes
+    roots: tuple[x509.Certificate, ...] = ()
 
     def renew_at(self) -> datetime:
         leaf = self.chain[0]
         return leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
 
-    def credentials(self) -> grpc.ServerCertificateConfiguration:
+    def credentials(self, client_roots_pem: bytes) -> grpc.ServerCertificateConfiguration:
+        # The presented chain ends with the trust domain's root, so an agent bootstrapping with
+        # --insecure-bootstrap (trust on first use) can take the root from the handshake.
+        presented = dump_pem_certificates((*self.chain, *self.roots))
         return grpc.ssl_server_certificate_configuration(
-            [(self.key_pem, dump_pem_certificates(self.chain))], root_certificates=self.roots_pem
+            [(self.key_pem, presented)], root_certificates=client_roots_pem
         )
 
 
-class RotatingCredentials:
-    """Hands gRPC the newest server identity: it asks before every handshake."""
+def client_roots_pem(bundle: SpiffeBundle | None) -> bytes:
+    """The roots client certificates must chain to during the handshake.
 
-    def __init__(self, identity: ServerIdentity) -> None:
+    The trust domain's X.509 authorities, so agents' SVIDs pass, and the attestation client
+    certificate, so agents that have no SVID yet can call AttestAgent (see
+    :data:`controlplane.api.agent.ATTESTATION_CLIENT_CERT_PEM`). The agent API verifies the
+    chain itself afterwards; this handshake check is not what authenticates an agent.
+    """
+    authorities = bundle.x509.authorities if bundle is not None else ()
+    return dump_pem_certificates(authorities) + ATTESTATION_CLIENT_CERT_PEM
+
+
+class RotatingCredentials:
+    """Hands gRPC the newest server identity and client roots: it asks before every handshake.
+
+    The roots follow the trust bundle, so an agent whose SVID another server of the trust domain
+    signed (its authority arrived in the bundle later) is accepted as soon as this server's hub
+    has that bundle, not at the next renewal of this server's own SVID.
+    """
+
+    def __init__(self, identity: ServerIdentity, bundle: Callable[[], SpiffeBundle | None]) -> None:
         self.current = identity
-        self._served: ServerIdentity | None = None
+        self._bundle = bundle
+        self._served: tuple[ServerIdentity, SpiffeBundle | None] | None = None
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        current, bundle = self.current, self._bundle()
+        self._served = (current, bundle)
+        return current.credentials(client_roots_pem(bundle))
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """The new configuration once per renewal; ``None`` (keep the current one) otherwise."""
-        current = self.current
-        if current is self._served:
+        """A new configuration once per renewal or bundle change; ``None`` (keep the current one) otherwise."""
+        current, bundle = self.current, self._bundle()
+        served = self._served
+        if served is not None and served[0] is current and served[1] is bundle:
             return None
-        self._served = current
-        return current.credentials()
+        self._served = (current, bundle)
+        return current.credentials(client_roots_pem(bundle))
 
 
 def _server_instance_id(data_dir: Path) -> str:
@@ -239,7 +270,9 @@ class Server:
             await asyncio.to_thread(feed.start)
             tasks.append(asyncio.create_task(hub.run(), name="entry-hub"))
 
-            identity = RotatingCredentials(await asyncio.to_thread(self._issue_identity, signer, store, trust_domain))
+            identity = RotatingCredentials(
+                await asyncio.to_thread(self._issue_identity, signer, trust_domain), lambda: hub.bundle
+            )
 
             agent_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             agent_pb2_grpc.add_AgentAPIServicer_to_server(
@@ -254,10 +287,14 @@ class Server:
                 ),
                 agent_server,
             )
+            # gRPC's Python server can either not ask for a client certificate at all (then no RPC
+            # could authenticate an agent) or require one; it cannot ask for one optionally. So a
+            # certificate is required, and agents without an SVID attest with the public
+            # attestation client certificate (see client_roots_pem).
             credentials = grpc.dynamic_ssl_server_credentials(
-                identity.current.credentials(),
+                identity.initial(),
                 identity.fetch,  # type: ignore[arg-type]  # gRPC takes None as "no change"; its stub says otherwise
-                require_client_authentication=False,
+                require_client_authentication=True,
             )
             host, port = parse_host_port(config.bind)
             self.agent_port = agent_server.add_secure_port(
@@ -267,7 +304,9 @@ class Server:
 
             admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             registration_pb2_grpc.add_RegistrationAPIServicer_to_server(
-                RegistrationService(store=store, trust_domain=trust_domain, clock=utcnow, on_change=hub.poke),
+                RegistrationService(
+                    store=store, trust_domain=trust_domain, clock=utcnow, on_change=hub.poke, on_agent_change=hub.wake
+                ),
                 admin_server,
             )
             socket_path = _prepare_admin_socket(config.admin_socket_path)
@@ -288,9 +327,7 @@ class Server:
                     try:
                         await asyncio.to_thread(signer.tick)
                         if utcnow() >= identity.current.renew_at():
-                            identity.current = await asyncio.to_thread(
-                                self._issue_identity, signer, store, trust_domain
-                            )
+                            identity.current = await asyncio.to_thread(self._issue_identity, signer, trust_domain)
                         if utcnow() >= next_prune:
                             await asyncio.to_thread(store.remove_expired_authorities, utcnow() - PRUNE_AFTER)
                             await asyncio.to_thread(store.remove_expired_join_tokens, utcnow())
@@ -343,15 +380,13 @@ class Server:
                 store.add_jwt_authority(instance, authority.kid, authority.public_key, authority.not_after)
 
     @staticmethod
-    def _issue_identity(signer: CASigner, store: Store, trust_domain: object) -> ServerIdentity:
+    def _issue_identity(signer: CASigner, trust_domain: TrustDomain) -> ServerIdentity:
         key = ec.generate_private_key(ec.SECP256R1())
-        spiffe_id = server_id(trust_domain)  # type: ignore[arg-type]
-        chain = signer.x509_svid(spiffe_id, key.public_key(), dns_names=(SERVER_DNS_NAME,), ttl=None)
-        bundle = store.get_bundle(spiffe_id.trust_domain)
+        chain = signer.x509_svid(server_id(trust_domain), key.public_key(), dns_names=(SERVER_DNS_NAME,), ttl=None)
         return ServerIdentity(
             chain=chain,
             key_pem=key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
-            roots_pem=dump_pem_certificates(bundle.x509.authorities),
+            roots=signer.roots(),
         )
 
 

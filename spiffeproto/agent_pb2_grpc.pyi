@@ -3,8 +3,12 @@
 isort:skip_file
 The API node agents use to reach the control plane, served over TLS by spiffe-server.
 
-AttestAgent needs no client certificate; every other RPC requires the agent's X.509-SVID as
-the TLS client certificate, and the agent must be attested, not banned and not evicted.
+Every call presents a TLS client certificate (gRPC's Python server can only require one or
+not ask at all). An agent that has no SVID yet calls AttestAgent with the published
+attestation client certificate, whose key is public on purpose: it identifies nobody. Every
+other RPC requires the agent's X.509-SVID, which the server verifies against the trust
+domain's current bundle itself; the agent must be attested, not banned and not evicted, and
+the SVID must be its newest.
 """
 
 from collections import abc as _abc

@@ -1,16 +1,17 @@
 """The agent API: attestation, agent SVID renewal, the entry watch, and SVID signing for agents.
 
-Every RPC but ``AttestAgent`` authenticates the agent by its TLS client certificate: gRPC has
-already verified the chain against the trust domain's roots; here the certificate must be an
-X509-SVID of an agent ID in this trust domain, of an agent the store knows, that is not banned,
-and it must be the agent's newest SVID (its serial). An agent can only ever obtain SVIDs for the
+Every RPC but ``AttestAgent`` authenticates the agent by its TLS client certificate chain, which
+is verified here against the trust domain's current bundle (the handshake also accepts the public
+attestation client certificate, so it proves nothing by itself): the chain must be an X509-SVID
+of an agent ID in this trust domain, of an agent the store knows, that is not banned, and its
+leaf must be the agent's newest SVID (its serial). An agent can only ever obtain SVIDs for the
 entries authorized for it, whatever it asks for: the entry, not the CSR, decides the SPIFFE ID.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Final, Protocol, TypeVar
 
@@ -25,8 +26,7 @@ from controlplane.authorized import diff
 from controlplane.model import AttestedAgent, ModelError, RegistrationEntry, is_agent_id
 from controlplane.store import Store
 from controlplane.store.errors import NotFoundError
-from spiffecore import SpiffeError, SpiffeID, TrustDomain
-from spiffecore.x509svid import check_leaf
+from spiffecore import SpiffeError, SpiffeID, TrustDomain, verify_x509_svid
 from spiffeproto import agent_pb2, agent_pb2_grpc, types_pb2
 
 MAX_BATCH: Final = 1000
@@ -34,6 +34,27 @@ MAX_AUDIENCES: Final = 32
 DEFAULT_PAGE: Final = 1000
 MAX_PAGE: Final = 10_000
 FIRST_MESSAGE_TIMEOUT: Final = 30.0
+
+# A wire contract shared with the agent (sidecar.agent.serverapi holds the same bytes). gRPC's
+# Python server cannot ask for a client certificate optionally: it asks for none, or requires one.
+# The agent API requires one, so an agent that has no SVID yet calls AttestAgent with this
+# certificate. Its private key is public on purpose: it identifies nobody, and no RPC but
+# AttestAgent (which needs no identity) accepts it, because _authenticate verifies every chain
+# against the trust bundle itself.
+ATTESTATION_CLIENT_CERT_PEM: Final = b"""\
+-----BEGIN CERTIFICATE-----
+MIIBuDCCAV6gAwIBAgIBATAKBggqhkjOPQQDAjBJMUcwRQYDVQQDDD5zcGlmZmUt
+c2lkZWNhciBhdHRlc3RhdGlvbiBjbGllbnQgKHB1YmxpYyBrZXksIHByb3ZlcyBu
+b3RoaW5nKTAgFw0yNTAxMDEwMDAwMDBaGA85OTk5MTIzMTIzNTk1OVowSTFHMEUG
+A1UEAww+c3BpZmZlLXNpZGVjYXIgYXR0ZXN0YXRpb24gY2xpZW50IChwdWJsaWMg
+a2V5LCBwcm92ZXMgbm90aGluZykwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATi
+IIFXIVD1dZHphoP4p4JzZFRR0LWRYQPz0cJ7fhsZFWeyBGckAAcl4vtnUNSvcuA8
+b8hRSWkFxoqJx4ti3hYeozUwMzAMBgNVHRMBAf8EAjAAMA4GA1UdDwEB/wQEAwIH
+gDATBgNVHSUEDDAKBggrBgEFBQcDAjAKBggqhkjOPQQDAgNIADBFAiBNh7rZaOQb
+ea26W1FAa8MSVd1Yb4yVuE4pEAFgCvlZRgIhAIOYqoZvetVKWjKerTn62AeuZZc6
+12E1j6Gs5Y9Lz5u7
+-----END CERTIFICATE-----
+"""
 
 Context = grpc.aio.ServicerContext[object, object]
 T = TypeVar("T")
@@ -105,25 +126,29 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             await abort_with(context, err)
 
     async def _authenticate(self, context: Context) -> AttestedAgent:
-        pems = context.auth_context().get("x509_pem_cert")
-        if not pems:
+        auth = context.auth_context()
+        leaf_pems = auth.get("x509_pem_cert")
+        if not leaf_pems:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "agent-api: an agent X.509-SVID is required as the client certificate"
             )
         try:
-            certificate = x509.load_pem_x509_certificate(next(iter(pems)))
-            spiffe_id = check_leaf(certificate)
+            chain = _peer_chain(next(iter(leaf_pems)), auth.get("x509_pem_cert_chain", ()))
+            assert self._hub.bundle is not None, "the hub is loaded before the API serves"
+            verified = verify_x509_svid(chain, self._hub.bundle, at=self._clock())
         except (ValueError, SpiffeError) as err:
             await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, f"agent-api: client certificate is not an SVID ({err})"
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"agent-api: client certificate is not an X.509-SVID of this trust domain ({err})",
             )
-        if spiffe_id.trust_domain != self._trust_domain or not is_agent_id(spiffe_id):
+        spiffe_id = verified.id
+        if not is_agent_id(spiffe_id):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f'agent-api: caller is not an agent of this trust domain: "{spiffe_id}"',
             )
         agent = await self._current_agent(context, spiffe_id)
-        if agent.serial != f"{certificate.serial_number:x}":
+        if agent.serial != f"{chain[0].serial_number:x}":
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f'agent-api: this agent SVID was superseded by a newer one: "{spiffe_id}"',
@@ -323,3 +348,14 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
     ) -> agent_pb2.GetBundleResponse:
         await self._authenticate(context)
         return agent_pb2.GetBundleResponse(bundle=self._bundle())
+
+
+def _peer_chain(leaf_pem: bytes, chain_pems: Iterable[bytes]) -> tuple[x509.Certificate, ...]:
+    """The client's chain, leaf first, from gRPC's auth context (which lists the chain apart)."""
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    rest: list[x509.Certificate] = []
+    for pem in chain_pems:
+        rest.extend(x509.load_pem_x509_certificates(pem))
+    if rest and rest[0] == leaf:
+        rest = rest[1:]
+    return (leaf, *rest)

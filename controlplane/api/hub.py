@@ -38,6 +38,7 @@ class EntryHub:
         self.bundle: SpiffeBundle | None = None
         self.generation = 0
         self._poked = asyncio.Event()
+        self._woken = False
         self._changed = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
@@ -67,18 +68,33 @@ class EntryHub:
             return
         self._loop.call_soon_threadsafe(self._poked.set)
 
+    def wake(self) -> None:
+        """Wake every watcher although no entry changed, so each re-checks its agent (banned, evicted).
+
+        Safe to call from any thread.
+        """
+        if self._loop is None:
+            return
+
+        def wake_now() -> None:
+            self._woken = True
+            self._poked.set()
+
+        self._loop.call_soon_threadsafe(wake_now)
+
     async def run(self) -> None:
         """Refresh on every poke, and at least every ``recheck``; runs until cancelled."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), timeout=self._recheck)
             self._poked.clear()
+            woken, self._woken = self._woken, False
             try:
                 changed = await self.refresh()
             except StoreError:
                 log.warning("could not refresh entries from the store; retrying", exc_info=True)
-                continue
-            if changed:
+                changed = False
+            if changed or woken:
                 async with self._changed:
                     self.generation += 1
                     self._changed.notify_all()

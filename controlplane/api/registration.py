@@ -49,11 +49,14 @@ class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
         trust_domain: TrustDomain,
         clock: Callable[[], datetime],
         on_change: Callable[[], None],
+        on_agent_change: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._trust_domain = trust_domain
         self._clock = clock
         self._on_change = on_change
+        # Evictions and bans change no entry; open watches must still hear of them to end.
+        self._on_agent_change = on_agent_change or on_change
 
     async def _run(self, context: Context, call: Callable[..., T], *args: object) -> T:
         """Run a store call in a thread; our errors end the RPC with their status."""
@@ -185,12 +188,12 @@ class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
         self, request: registration_pb2.AgentRequest, context: Context
     ) -> types_pb2.Agent:
         agent = await self._agent_call(context, self._store.evict_agent, request.spiffe_id)
-        self._on_change()
+        self._on_agent_change()
         return agent_to_proto(agent)
 
     async def BanAgent(  # noqa: N802
         self, request: registration_pb2.AgentRequest, context: Context
     ) -> types_pb2.Agent:
         agent = await self._agent_call(context, self._store.ban_agent, request.spiffe_id)
-        self._on_change()
+        self._on_agent_change()
         return agent_to_proto(agent)
