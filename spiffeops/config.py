@@ -493,7 +493,8 @@ class _Converter:
         try:
             return cls(**values)
         except ValueError as err:
-            raise ConfigError(f"config: {node.loc}: {path or 'config'}: {err}") from err
+            where = f"{path}: " if path else ""  # the top level needs no name: the file says it
+            raise ConfigError(f"config: {node.loc}: {where}{err}") from err
 
 
 def _within(path: str) -> str:
