@@ -1,0 +1,75 @@
+"""``agent.yaml``: the node agent's configuration, with its defaults.
+
+Unknown keys are errors naming the key and its line; flags of ``spiffe-agent run`` override the
+file's values. Trust in the control plane comes from ``trust_bundle`` (PEM roots of the trust
+domain) or, for a first contact only, ``insecure_bootstrap`` (trust on first use, loudly logged);
+one of the two is required unless the data dir already holds a bundle from an earlier run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+from spiffecore import SpiffeIDError, TrustDomain
+
+DEFAULT_DATA_DIR: Final = Path(".spiffe-agent")
+DEFAULT_SOCKET: Final = Path("/tmp/spiffe-agent/public/api.sock")  # noqa: S108 - the documented default
+DEFAULT_SERVER: Final = "127.0.0.1:8081"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class X509PopSection:
+    """The node certificate and key the agent proves possession of (both or neither)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("x509pop.cert and x509pop.key must be set together")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixAttestorSection:
+    # Add unix:path and unix:sha256 selectors (reads and hashes the caller's binary).
+    discover_workload_path: bool = False
+    # Binaries larger than this are not hashed (0: no limit).
+    workload_size_limit: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadAttestorsSection:
+    unix: UnixAttestorSection = field(default_factory=UnixAttestorSection)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    trust_domain: str
+    server: str = DEFAULT_SERVER
+    trust_bundle: Path | None = None
+    insecure_bootstrap: bool = False
+    join_token: str | None = None
+    x509pop: X509PopSection = field(default_factory=X509PopSection)
+    data_dir: Path = DEFAULT_DATA_DIR
+    socket: Path = DEFAULT_SOCKET
+    # HOST:PORT for /healthz, /readyz and /metrics; off when unset.
+    status: str | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "info"
+    workload_attestors: WorkloadAttestorsSection = field(default_factory=WorkloadAttestorsSection)
+
+    def __post_init__(self) -> None:
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except SpiffeIDError as err:
+            raise ValueError(f"trust_domain is not valid: {err}") from err
+        if self.trust_bundle is not None and self.insecure_bootstrap:
+            raise ValueError("trust_bundle and insecure_bootstrap exclude each other: choose one")
+        if self.join_token is not None and self.x509pop.cert is not None:
+            raise ValueError("join_token and x509pop exclude each other: choose one node attestor")
+
+    @property
+    def trust_domain_value(self) -> TrustDomain:
+        return TrustDomain.parse(self.trust_domain)
