@@ -18,9 +18,8 @@ selectors, not to the number of entries.
 **Order and hints.** A workload's identities are served sorted by the entry's SPIFFE ID, then by
 entry ID: a stable order that does not depend on when the agent learnt of an entry, so the default
 identity (the first) is the same on every agent and after every restart. Hints must be unique in a
-response; when two applicable entries share a non-empty hint, only the first in that order is
-served (SPIRE keeps the oldest-created entry; entries as the agent receives them carry no creation
-time, so the served order decides). An SVID carries its entry's current hint.
+response; when two applicable entries share a non-empty hint, only the oldest-created one is
+served, as SPIRE does (the entry ID breaks a tie). An SVID carries its entry's current hint.
 
 **SVIDs.** One per workload entry, renewed at its rotation time (:mod:`sidecar.agent.rotation`),
 or at once when the entry's SPIFFE ID, DNS names or X.509 TTL are no longer those it was signed
@@ -262,17 +261,12 @@ class AgentCache:
         return index.match(selectors)
 
     def served_entries(self, selectors: frozenset[str]) -> list[Entry]:
-        """:meth:`matching_entries` without the entries whose hint an earlier entry already has."""
+        """:meth:`matching_entries` without the entries whose hint an older entry already has."""
         entries = self.matching_entries(selectors)
-        hints: set[str] = set()
-        served: list[Entry] = []
-        for entry in entries:
-            if entry.hint:
-                if entry.hint in hints:
-                    continue
-                hints.add(entry.hint)
-            served.append(entry)
-        return served
+        keeper: dict[str, str] = {}  # hint -> the ID of the oldest entry that has it
+        for entry in sorted((e for e in entries if e.hint), key=lambda e: (e.created_at, e.id)):
+            keeper.setdefault(entry.hint, entry.id)
+        return [entry for entry in entries if not entry.hint or keeper[entry.hint] == entry.id]
 
     def is_ready(self) -> bool:
         """A full snapshot arrived and every workload entry has a valid SVID that fits it."""

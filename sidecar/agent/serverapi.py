@@ -128,6 +128,8 @@ class Entry:
     federates_with: tuple[TrustDomain, ...] = ()
     hint: str = ""
     revision: int = 0
+    # Unix seconds: when the entry was created (decides which of two entries keeps a shared hint).
+    created_at: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,6 +212,7 @@ def entry_from_proto(message: types_pb2.Entry) -> Entry:
         federates_with=federates_with,
         hint=message.hint,
         revision=message.revision,
+        created_at=message.created_at,
     )
 
 

@@ -49,6 +49,7 @@ def entry(
     hint: str = "",
     dns_names: tuple[str, ...] = (),
     ttl: int = 0,
+    created_at: int = 0,
 ) -> Entry:
     return Entry(
         id=entry_id,
@@ -58,6 +59,7 @@ def entry(
         hint=hint,
         dns_names=dns_names,
         x509_svid_ttl=ttl,
+        created_at=created_at,
     )
 
 
@@ -214,10 +216,10 @@ def test_svids_are_ordered_by_spiffe_id_then_entry_id() -> None:
     assert [by_entry[s.leaf.serial_number] for s in context.svids] == ["5", "3", "9", "1"]
 
 
-def test_duplicate_hints_keep_the_first_entry_in_order_and_svids_carry_hints() -> None:
+def test_duplicate_hints_keep_the_oldest_entry_and_svids_carry_hints() -> None:
     cache = new_cache()
-    first = entry("2", "/a", "s:1", hint="internal")
-    duplicate = entry("1", "/z", "s:1", hint="internal")
+    first = entry("2", "/a", "s:1", hint="internal", created_at=100)
+    duplicate = entry("1", "/z", "s:1", hint="internal", created_at=200)
     other = entry("3", "/m", "s:1", hint="external")
     plain = entry("4", "/n", "s:1")
     plain2 = entry("5", "/o", "s:1")
@@ -232,6 +234,15 @@ def test_duplicate_hints_keep_the_first_entry_in_order_and_svids_carry_hints() -
         (f"{TD}/o", ""),  # empty hints are not duplicates
     ]
     assert [e.id for e in cache.served_entries(frozenset({"s:1"}))] == ["2", "3", "4", "5"]
+
+
+def test_of_two_entries_sharing_a_hint_the_older_is_served_whatever_the_order() -> None:
+    cache = new_cache()
+    newer = entry("1", "/a", "s:1", hint="h", created_at=200)
+    older = entry("2", "/b", "s:1", hint="h", created_at=100)
+    cache.apply(snapshot(newer, older))
+    cache.store([(e, svid_for(e)) for e in (newer, older)])
+    assert [e.id for e in cache.served_entries(frozenset({"s:1"}))] == ["2"]
 
 
 def test_a_changed_hint_relabels_the_svid_without_resigning() -> None:
