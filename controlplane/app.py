@@ -16,7 +16,8 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from controlplane.api.agent import ATTESTATION_CLIENT_CERT_PEM, AgentService
+from controlplane.api.agent import (
+    ATTESTATION_CLIENT_CERT_PEM,
+    ATTESTATION_REFUSED,
+    ATTESTATION_SUCCESS,
+    UNKNOWN_ATTESTATION_TYPE,
+    AgentService,
+    X509Issuer,
+)
 from controlplane.api.hub import EntryHub
 from controlplane.api.registration import RegistrationService
 from controlplane.attest.base import NodeAttestor
@@ -58,7 +66,7 @@ def utcnow() -> datetime:
 
 
 class Metrics:
-    """The server's Prometheus metrics."""
+    """The server's Prometheus metrics; also what the agent API reports to (:class:`AgentMetrics`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.x509_signed = Counter("spiffe_server_x509_svids_signed", "X.509-SVIDs signed", registry=registry)
@@ -67,6 +75,30 @@ class Metrics:
             "spiffe_server_x509_ca_expiry_timestamp_seconds", "When the active X.509 CA expires", registry=registry
         )
         self.entries = Gauge("spiffe_server_entries", "Registration entries known to this server", registry=registry)
+        self.attestations = Counter(
+            "spiffe_server_agent_attestations",
+            "Agent attestations by attestation type (unknown: not an enabled one) and result (success, refused)",
+            ["attestation_type", "result"],
+            registry=registry,
+        )
+        self.watch_streams = Gauge(
+            "spiffe_server_watch_streams", "Open WatchEntries streams of agents on this server", registry=registry
+        )
+
+    def expect_attestation_types(self, names: Iterable[str]) -> None:
+        """Show a zero for every result of these types (and of unknown ones) before the first attestation."""
+        for name in (*names, UNKNOWN_ATTESTATION_TYPE):
+            for result in (ATTESTATION_SUCCESS, ATTESTATION_REFUSED):
+                self.attestations.labels(attestation_type=name, result=result)
+
+    def attestation(self, attestation_type: str, result: str) -> None:
+        self.attestations.labels(attestation_type=attestation_type, result=result).inc()
+
+    def watch_opened(self) -> None:
+        self.watch_streams.inc()
+
+    def watch_closed(self) -> None:
+        self.watch_streams.dec()
 
 
 class CASigner:
@@ -107,20 +139,39 @@ class CASigner:
         """The root(s) the active authority's SVIDs chain to."""
         return self._manager.x509_authority.roots
 
+    def x509_issuer(self) -> X509Issuer:
+        """Rotate if due, once; the issuer signs with the authority active now, valid from now.
+
+        For a batch: the rotation check (a lock, the schedule of both kinds of authority, the
+        expiry gauge) is paid once, not per SVID. The authority stays usable for the whole batch
+        however long it takes, since an authority signs for a sixth of its life after the next
+        one takes over.
+        """
+        now = self.tick()
+        authority = self._manager.x509_authority
+        default_ttl = self._x509_ttl
+        signed = self._metrics.x509_signed
+
+        def issue(
+            spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
+        ) -> tuple[x509.Certificate, ...]:
+            chain = sign_x509_svid(
+                authority,
+                spiffe_id=spiffe_id,
+                public_key=public_key,  # type: ignore[arg-type]
+                dns_names=dns_names,
+                ttl=ttl or default_ttl,
+                now=now,
+            )
+            signed.inc()
+            return chain
+
+        return issue
+
     def x509_svid(
         self, spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
     ) -> tuple[x509.Certificate, ...]:
-        now = self.tick()
-        chain = sign_x509_svid(
-            self._manager.x509_authority,
-            spiffe_id=spiffe_id,
-            public_key=public_key,  # type: ignore[arg-type]
-            dns_names=dns_names,
-            ttl=ttl or self._x509_ttl,
-            now=now,
-        )
-        self._metrics.x509_signed.inc()
-        return chain
+        return self.x509_issuer()(spiffe_id, public_key, dns_names=dns_names, ttl=ttl)
 
     def jwt_svid(
         self, spiffe_id: SpiffeID, audience: tuple[str, ...], *, ttl: timedelta | None
@@ -241,6 +292,8 @@ class Server:
         tasks: list[asyncio.Task[None]] = []
         servers: list[grpc.aio.Server] = []
         feed: ChangeFeed | None = None
+        # BatchNewX509SVID's CSR checks (cryptography releases the GIL while it verifies).
+        csr_checks = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="csr-check")
         try:
             manager = await asyncio.to_thread(CAManager.load_or_create, data_dir, config.ca_config(), now=utcnow())
             hub = EntryHub(store, trust_domain, recheck=timedelta(seconds=5))
@@ -274,16 +327,20 @@ class Server:
                 await asyncio.to_thread(self._issue_identity, signer, trust_domain), lambda: hub.bundle
             )
 
+            attestors = _attestors(config, store)
+            self.metrics.expect_attestation_types(attestors)
             agent_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             agent_pb2_grpc.add_AgentAPIServicer_to_server(
                 AgentService(
                     store=store,
                     hub=hub,
                     signer=signer,
-                    attestors=_attestors(config, store),
+                    attestors=attestors,
                     trust_domain=trust_domain,
                     clock=utcnow,
                     agent_svid_ttl=config.svid.agent_ttl,
+                    csr_checks=csr_checks,
+                    metrics=self.metrics,
                 ),
                 agent_server,
             )
@@ -366,6 +423,7 @@ class Server:
                     await task
             if status is not None:
                 status.stop()
+            csr_checks.shutdown(cancel_futures=True)
             if feed is not None:
                 await asyncio.to_thread(feed.close)
             await asyncio.to_thread(store.close)

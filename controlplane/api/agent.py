@@ -6,14 +6,25 @@ attestation client certificate, so it proves nothing by itself): the chain must 
 of an agent ID in this trust domain, of an agent the store knows, that is not banned, and its
 leaf must be the agent's newest SVID (its serial). An agent can only ever obtain SVIDs for the
 entries authorized for it, whatever it asks for: the entry, not the CSR, decides the SPIFFE ID.
+
+``BatchNewX509SVID`` is the hot path: each item costs a CSR self-signature check and a signing,
+about the same each. cryptography releases the GIL while it verifies but holds it while it
+signs, so the checks of a batch go to a small thread pool up front and each item is signed on
+the calling thread as soon as its own check is done: later items are checked while earlier ones
+are signed, on another core when one is free. One batch signs at a time, and the CA's rotation
+check runs once per batch, not once per SVID.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import contextlib
+import functools
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from datetime import datetime, timedelta
-from typing import Final, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
@@ -34,6 +45,12 @@ MAX_AUDIENCES: Final = 32
 DEFAULT_PAGE: Final = 1000
 MAX_PAGE: Final = 10_000
 FIRST_MESSAGE_TIMEOUT: Final = 30.0
+# Attestation metrics are labelled by attestation type; a type no enabled attestor has (or none
+# yet, when the first message is malformed) is counted under this one name, so a caller cannot
+# create label values at will.
+UNKNOWN_ATTESTATION_TYPE: Final = "unknown"
+ATTESTATION_SUCCESS: Final = "success"
+ATTESTATION_REFUSED: Final = "refused"
 
 # A wire contract shared with the agent (sidecar.agent.serverapi holds the same bytes). gRPC's
 # Python server cannot ask for a client certificate optionally: it asks for none, or requires one.
@@ -60,20 +77,61 @@ Context = grpc.aio.ServicerContext[object, object]
 T = TypeVar("T")
 
 
+class X509Issuer(Protocol):
+    """Signs X.509-SVIDs with the authority, and at the time, that one rotation check settled on."""
+
+    def __call__(
+        self, spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
+    ) -> tuple[x509.Certificate, ...]: ...
+
+
 class Signer(Protocol):
     """What the agent API needs of the CA."""
 
-    def public_key_from_csr(self, csr_der: bytes) -> object: ...
+    def public_key_from_csr(self, csr_der: bytes) -> object:
+        """The CSR's public key once its self-signature is checked. Safe to call from several threads."""
+        ...
 
     def x509_svid(
         self, spiffe_id: SpiffeID, public_key: object, *, dns_names: tuple[str, ...], ttl: timedelta | None
-    ) -> tuple[x509.Certificate, ...]: ...
+    ) -> tuple[x509.Certificate, ...]:
+        """One X.509-SVID: any due rotation step first, then the signing."""
+        ...
+
+    def x509_issuer(self) -> X509Issuer:
+        """Any due rotation step, once for a whole batch; the issuer signs with the authority active now."""
+        ...
 
     def jwt_svid(
         self, spiffe_id: SpiffeID, audience: tuple[str, ...], *, ttl: timedelta | None
     ) -> tuple[str, datetime]:
         """A JWT-SVID and its expiry."""
         ...
+
+
+class AgentMetrics(Protocol):
+    """What the agent API reports (the composition root backs it with Prometheus)."""
+
+    def attestation(self, attestation_type: str, result: str) -> None:
+        """An AttestAgent call ended: ``result`` is :data:`ATTESTATION_SUCCESS` or :data:`ATTESTATION_REFUSED`."""
+        ...
+
+    def watch_opened(self) -> None: ...
+
+    def watch_closed(self) -> None: ...
+
+
+class NoMetrics:
+    """Reports nothing."""
+
+    def attestation(self, attestation_type: str, result: str) -> None:
+        pass
+
+    def watch_opened(self) -> None:
+        pass
+
+    def watch_closed(self) -> None:
+        pass
 
 
 class AuthError(SpiffeError):
@@ -109,7 +167,12 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         trust_domain: TrustDomain,
         clock: Callable[[], datetime],
         agent_svid_ttl: timedelta,
+        csr_checks: Executor | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
+        """``csr_checks`` runs the CSR checks of signing batches (a thread pool: see the module's
+        docstring); without one they run on the signing thread. The caller owns and shuts it down.
+        """
         self._store = store
         self._hub = hub
         self._signer = signer
@@ -117,6 +180,9 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         self._trust_domain = trust_domain
         self._clock = clock
         self._agent_svid_ttl = agent_svid_ttl
+        self._csr_checks = csr_checks
+        self._signing = threading.Lock()
+        self._metrics = metrics if metrics is not None else NoMetrics()
         self._authorized: dict[tuple[SpiffeID, tuple[object, ...]], tuple[int, dict[str, RegistrationEntry]]] = {}
 
     async def _run(self, context: Context, call: Callable[..., T], *args: object) -> T:
@@ -196,14 +262,20 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         try:
             first = await asyncio.wait_for(context.read(), FIRST_MESSAGE_TIMEOUT)
         except TimeoutError:
+            self._metrics.attestation(UNKNOWN_ATTESTATION_TYPE, ATTESTATION_REFUSED)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "agent-api: no attestation parameters received")
         if not isinstance(first, agent_pb2.AttestAgentRequest) or first.WhichOneof("step") != "params":
-            await abort_with(context, ModelError("the first AttestAgent message must carry the attestation parameters"))
+            await self._refuse(
+                context,
+                UNKNOWN_ATTESTATION_TYPE,
+                ModelError("the first AttestAgent message must carry the attestation parameters"),
+            )
         params = first.params
         attestor = self._attestors.get(params.type)
         if attestor is None:
-            await abort_with(
+            await self._refuse(
                 context,
+                UNKNOWN_ATTESTATION_TYPE,
                 ModelError(
                     f"attestation type is unknown or not enabled (enabled: {', '.join(sorted(self._attestors))})",
                     params.type,
@@ -212,13 +284,17 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         try:
             attestation: Attestation = await attestor.attest(params.payload, _Channel(context))
         except SpiffeError as err:
-            await abort_with(context, err)
+            await self._refuse(context, attestor.name, err)
         existing = await self._existing_agent(context, attestation.agent_id)
         if existing is not None and existing.banned:
+            self._metrics.attestation(attestor.name, ATTESTATION_REFUSED)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f'agent-api: agent is banned: "{attestation.agent_id}"'
             )
-        chain = await self._run(context, self._sign_agent_svid, attestation.agent_id, params.csr)
+        try:
+            chain = await asyncio.to_thread(self._sign_agent_svid, attestation.agent_id, params.csr)
+        except SpiffeError as err:
+            await self._refuse(context, attestor.name, err)
         agent = AttestedAgent(
             spiffe_id=attestation.agent_id,
             attestation_type=attestor.name,
@@ -232,6 +308,12 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             svid=x509_svid_to_proto(str(agent.spiffe_id), chain), bundle=self._bundle(), can_reattest=agent.can_reattest
         )
         await context.write(agent_pb2.AttestAgentResponse(result=result))
+        self._metrics.attestation(attestor.name, ATTESTATION_SUCCESS)
+
+    async def _refuse(self, context: Context, attestation_type: str, err: SpiffeError) -> NoReturn:
+        """Count a refused attestation, then end the call with ``err``'s status."""
+        self._metrics.attestation(attestation_type, ATTESTATION_REFUSED)
+        await abort_with(context, err)
 
     async def _existing_agent(self, context: Context, spiffe_id: SpiffeID) -> AttestedAgent | None:
         try:
@@ -260,6 +342,18 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
     ) -> AsyncIterator[agent_pb2.WatchEntriesResponse]:
         agent = await self._authenticate(context)
         page_size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        self._metrics.watch_opened()
+        try:
+            async with contextlib.aclosing(self._watch(agent, page_size, context)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self._metrics.watch_closed()
+
+    async def _watch(
+        self, agent: AttestedAgent, page_size: int, context: Context
+    ) -> AsyncGenerator[agent_pb2.WatchEntriesResponse, None]:
+        """The bundle, the snapshot pages, then a delta (and the bundle) at every change that concerns ``agent``."""
         generation = self._hub.generation
         sent_bundle = self._hub.bundle
         yield agent_pb2.WatchEntriesResponse(bundle=self._bundle())
@@ -299,32 +393,53 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         return agent_pb2.BatchNewX509SVIDResponse(results=results)
 
     def _sign_batch(
-        self, authorized: Mapping[str, RegistrationEntry], params: list[agent_pb2.NewX509SVIDParams]
+        self, authorized: Mapping[str, RegistrationEntry], params: Sequence[agent_pb2.NewX509SVIDParams]
     ) -> list[agent_pb2.X509SVIDResult]:
-        results = []
-        for item in params:
-            entry = authorized.get(item.entry_id)
-            if entry is None:
-                results.append(
-                    agent_pb2.X509SVIDResult(
-                        error_code=grpc.StatusCode.PERMISSION_DENIED.value[0],
-                        error_message=f'agent-api: entry is not authorized for this agent: "{item.entry_id}"',
-                    )
-                )
-                continue
-            try:
-                public_key = self._signer.public_key_from_csr(item.csr)
-                ttl = timedelta(seconds=entry.x509_svid_ttl) if entry.x509_svid_ttl else None
-                chain = self._signer.x509_svid(entry.spiffe_id, public_key, dns_names=entry.dns_names, ttl=ttl)
-            except SpiffeError as err:
-                results.append(
-                    agent_pb2.X509SVIDResult(
-                        error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error_message=str(err)
-                    )
-                )
-                continue
-            results.append(agent_pb2.X509SVIDResult(svid=x509_svid_to_proto(str(entry.spiffe_id), chain)))
-        return results
+        """One result per item, in order: the SVID, or why not (the entry is not authorized, the CSR is bad).
+
+        With a pool, the CSR checks of the authorized items are submitted first, and each item is
+        signed when its own check is done while the pool checks the items after it. One batch
+        signs at a time: signing holds the GIL, so batches signing side by side would only take
+        turns at it, and the switching costs more than the waiting (measured: 4 batches in
+        flight signed a quarter to a third fewer SVIDs per second than 1 at a time).
+        """
+        entries = [authorized.get(item.entry_id) for item in params]
+        csrs = [item.csr for item, entry in zip(params, entries, strict=True) if entry is not None]
+        futures = [] if self._csr_checks is None else [self._csr_checks.submit(self._check_csr, csr) for csr in csrs]
+        checks: Iterator[Callable[[], object]] = (
+            iter([future.result for future in futures])
+            if futures
+            else (functools.partial(self._check_csr, csr) for csr in csrs)
+        )
+        try:
+            with self._signing:
+                issue = self._signer.x509_issuer()
+                return [
+                    self._sign_item(issue, item, entry, checks) if entry is not None else _not_authorized(item)
+                    for item, entry in zip(params, entries, strict=True)
+                ]
+        finally:
+            for future in futures:  # those still queued, if the batch ended early
+                future.cancel()
+
+    def _check_csr(self, csr: bytes) -> object:
+        return self._signer.public_key_from_csr(csr)
+
+    @staticmethod
+    def _sign_item(
+        issue: X509Issuer,
+        item: agent_pb2.NewX509SVIDParams,
+        entry: RegistrationEntry,
+        checks: Iterator[Callable[[], object]],
+    ) -> agent_pb2.X509SVIDResult:
+        try:
+            public_key = next(checks)()
+            ttl = timedelta(seconds=entry.x509_svid_ttl) if entry.x509_svid_ttl else None
+            chain = issue(entry.spiffe_id, public_key, dns_names=entry.dns_names, ttl=ttl)
+        except SpiffeError as err:
+            code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            return agent_pb2.X509SVIDResult(error_code=code, error_message=str(err))
+        return agent_pb2.X509SVIDResult(svid=x509_svid_to_proto(str(entry.spiffe_id), chain))
 
     async def NewJWTSVID(  # noqa: N802
         self, request: agent_pb2.NewJWTSVIDRequest, context: Context
@@ -348,6 +463,13 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
     ) -> agent_pb2.GetBundleResponse:
         await self._authenticate(context)
         return agent_pb2.GetBundleResponse(bundle=self._bundle())
+
+
+def _not_authorized(item: agent_pb2.NewX509SVIDParams) -> agent_pb2.X509SVIDResult:
+    return agent_pb2.X509SVIDResult(
+        error_code=grpc.StatusCode.PERMISSION_DENIED.value[0],
+        error_message=f'agent-api: entry is not authorized for this agent: "{item.entry_id}"',
+    )
 
 
 def _peer_chain(leaf_pem: bytes, chain_pems: Iterable[bytes]) -> tuple[x509.Certificate, ...]:
