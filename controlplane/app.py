@@ -292,6 +292,7 @@ class Server:
         tasks: list[asyncio.Task[None]] = []
         servers: list[grpc.aio.Server] = []
         feed: ChangeFeed | None = None
+        hub: EntryHub | None = None
         # BatchNewX509SVID's CSR checks (cryptography releases the GIL while it verifies).
         csr_checks = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="csr-check")
         try:
@@ -329,7 +330,13 @@ class Server:
 
             attestors = _attestors(config, store)
             self.metrics.expect_attestation_types(attestors)
-            agent_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            agent_server = grpc.aio.server(
+                options=[
+                    # agents send keepalive pings every 60 s on their watch streams
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+                    ("grpc.so_reuseport", 0),
+                ]
+            )
             agent_pb2_grpc.add_AgentAPIServicer_to_server(
                 AgentService(
                     store=store,
@@ -414,6 +421,8 @@ class Server:
                 await stop.wait()
         finally:
             self.ready = False
+            if hub is not None:
+                await hub.close()
             for server in servers:
                 await server.stop(SHUTDOWN_GRACE)
             for task in tasks:

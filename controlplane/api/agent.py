@@ -367,6 +367,8 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             yield agent_pb2.WatchEntriesResponse(snapshot=snapshot)
         while True:
             generation = await self._hub.changed(generation)
+            if self._hub.closing:
+                return  # the server is stopping; the agent reconnects to it or another server
             agent = await self._current_agent(context, agent.spiffe_id)
             if self._hub.bundle is not sent_bundle:
                 sent_bundle = self._hub.bundle

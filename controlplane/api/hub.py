@@ -42,6 +42,7 @@ class EntryHub:
         self._changed = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
+        self.closing = False
 
     async def load(self) -> None:
         """Read every entry and the bundle: the starting point the events are applied to."""
@@ -126,7 +127,16 @@ class EntryHub:
         return changed
 
     async def changed(self, seen: int) -> int:
-        """Wait until the generation moves past ``seen``; return the new generation."""
+        """Wait until the generation moves past ``seen``; return the new generation.
+
+        Once the hub is :attr:`closing`, returns at once: watchers end their streams.
+        """
         async with self._changed:
-            await self._changed.wait_for(lambda: self.generation > seen)
+            await self._changed.wait_for(lambda: self.generation > seen or self.closing)
             return self.generation
+
+    async def close(self) -> None:
+        """The server is stopping: wake every watcher so its stream ends now, not at the grace deadline."""
+        async with self._changed:
+            self.closing = True
+            self._changed.notify_all()

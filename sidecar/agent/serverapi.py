@@ -305,11 +305,20 @@ def x509pop_answerer(private_key: PrivateKey) -> ChallengeAnswerer:
 # --- channels ---------------------------------------------------------------------------------
 
 
+# Keepalive pings reveal a connection that died silently (a partition, a dropped NAT entry), so
+# a watch never hangs open on a dead link; the server accepts pings this often (controlplane/app.py).
+CHANNEL_OPTIONS: Final = (
+    ("grpc.ssl_target_name_override", SERVER_DNS_NAME),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
 def _channel(address: str, roots_pem: bytes, key_pem: bytes, chain_pem: bytes) -> grpc.aio.Channel:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=roots_pem, private_key=key_pem, certificate_chain=chain_pem
     )
-    return grpc.aio.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", SERVER_DNS_NAME)])
+    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 async def attest(
