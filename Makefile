@@ -50,8 +50,10 @@ demo: ## run the whole system on this machine (control plane, agent, Envoy sidec
 	@echo "which are still being built; until then 'make test' exercises what exists." >&2
 	@exit 1
 
-bench: $(INSTALLED) ## the benchmarks in bench/
+bench: $(INSTALLED) services ## the benchmarks in bench/ (each prints a table against its peers)
 	$(PY) bench/verify.py
+	$(PY) bench/frontdoor.py
+	$(PY) bench/controlplane.py
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
