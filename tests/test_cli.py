@@ -42,7 +42,7 @@ def test_version(command: str) -> None:
     ("command", "says"),
     [
         ("spiffe-server", "the following arguments are required: COMMAND"),
-        ("spiffe-agent", "under construction"),
+        ("spiffe-agent", "the following arguments are required: COMMAND"),
         ("spiffe-proxy", "under construction"),
     ],
 )
@@ -56,7 +56,7 @@ def test_without_a_command_it_says_so_and_fails(command: str, says: str) -> None
     "argv",
     [
         ("spiffe-server", "run", "--no-such-flag"),
-        ("spiffe-agent", "--no-such-flag"),
+        ("spiffe-agent", "run", "--no-such-flag"),
         ("spiffe-proxy", "--no-such-flag"),
     ],
 )
