@@ -25,6 +25,7 @@ from sidecar.agent.config import AgentConfig
 from sidecar.agent.node import AgentNode, NodeSettings, load_or_attest
 from sidecar.agent.peer import FrontDoor, grpc_backend_address
 from sidecar.agent.sync import AgentSync
+from sidecar.sds.service import SecretDiscoveryService, add_to_server
 from sidecar.workload.service import WorkloadAPIService
 from spiffeops.lifecycle import wait_for_shutdown_signal
 from spiffeops.status import StatusServer, parse_host_port
@@ -100,6 +101,7 @@ class Agent:
                 workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(
                     WorkloadAPIService(sync.cache, front_door.caller_of, attestor), server
                 )
+                add_to_server(SecretDiscoveryService(sync.cache, front_door.caller_of, attestor), server)
                 server.add_insecure_port(backend)
                 await server.start()
                 async with front_door:
