@@ -3,7 +3,8 @@
 ``run`` reads ``--config agent.yaml`` if given, then applies the flags over it. The ``api``
 commands and ``healthcheck`` are workloads themselves: they call the Workload API at ``--socket``
 (``unix:///path``, ``unix:/path`` or a path), else ``SPIFFE_ENDPOINT_SOCKET``, else the default
-socket, and print text or ``--output json``.
+socket, and print text or ``--output json``. ``helper`` is a workload too: it keeps the SVIDs as
+files for applications that read files (:mod:`sidecar.helper`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from sidecar.agent.config import DEFAULT_DATA_DIR, DEFAULT_SERVER, DEFAULT_SOCKET, AgentConfig
+from sidecar.helper.config import HelperConfig, split_command
+from sidecar.helper.files import write_x509_files
 from sidecar.workload.client import WorkloadAPIClient, WorkloadAPIError
 from sidecar.workload.endpoint import EndpointError
 from sidecar.workload.identities import X509Context
 from spiffecore import SpiffeError, SpiffeID, SpiffeIDError
-from spiffecore.der import dump_pem_certificates
 from spiffeops.config import ConfigError, load_config, parse_config
-from spiffeops.lifecycle import write_atomically
 from spiffeops.logs import configure_logging
 
 HEALTHCHECK_TIMEOUT: Final = 5.0
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(watch)
     watch.set_defaults(handler=_watch)
 
+    _add_helper(commands)
+
     health = commands.add_parser("healthcheck", help="exit 0 if the agent answers on its socket")
     _add_socket(health)
     health.set_defaults(handler=_healthcheck)
@@ -161,6 +164,92 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         return 1
     except Exception:  # the composition root: anything else is logged, then the process fails
         logging.getLogger("spiffe-agent").exception("spiffe-agent failed")
+        return 1
+    return 0
+
+
+# --- helper ---------------------------------------------------------------------------------------
+
+HELPER_DESCRIPTION = """\
+Write the workload's SVID, key and bundle as PEM files (and JWT-SVIDs, if configured) into
+--cert-dir, each replaced atomically with its mode set on every write, and keep them current.
+After every update: signal the process in --pid-file with --signal, or start, signal
+(--renew-signal) or restart --cmd. With --once: write the files and exit.
+"""
+
+
+def _add_helper(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    helper = commands.add_parser(
+        "helper",
+        help="write SVIDs to files for applications that read files",
+        description=HELPER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    helper.add_argument("--config", type=Path, metavar="FILE", help="helper.yaml (flags override its values)")
+    _add_socket(helper)
+    helper.add_argument("--cert-dir", type=Path, metavar="DIR", help="where the files go (must exist)")
+    helper.add_argument("--signal", metavar="SIG", help="the signal for --pid-file's process, e.g. SIGHUP")
+    helper.add_argument("--pid-file", type=Path, metavar="FILE", help="signal the process whose pid is in FILE")
+    helper.add_argument("--cmd", metavar="CMD", help="run CMD (split like a shell: \"nginx -g 'daemon off;'\")")
+    helper.add_argument("--renew-signal", metavar="SIG", help="signal --cmd on updates instead of restarting it")
+    helper.add_argument("--once", action="store_true", default=None, help="write the files once and exit")
+    helper.add_argument("--health", metavar="HOST:PORT", help="serve /healthz and /readyz here")
+    helper.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
+    helper.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
+    helper.set_defaults(handler=_helper)
+
+
+_HELPER_FLAGS: Final = (
+    "socket",
+    "cert_dir",
+    "signal",
+    "pid_file",
+    "renew_signal",
+    "once",
+    "health",
+    "log_format",
+    "log_level",
+)
+
+
+def load_helper_config(args: argparse.Namespace) -> HelperConfig:
+    overrides: dict[str, object] = {
+        name: getattr(args, name) for name in _HELPER_FLAGS if getattr(args, name) is not None
+    }
+    if args.cmd is not None:
+        try:
+            overrides["cmd"], overrides["cmd_args"] = split_command(args.cmd)
+        except ValueError as err:
+            raise ConfigError(f"config: {err}") from err
+    if args.config is not None:
+        return load_config(args.config, HelperConfig, overrides=overrides)
+    if "cert_dir" not in overrides:
+        raise ConfigError("config: --cert-dir is required when no --config file is given")
+    return parse_config("{}", HelperConfig, source="command line", overrides=overrides)
+
+
+def _helper(args: argparse.Namespace, out: TextIO) -> int:
+    from sidecar.helper.run import Helper  # noqa: PLC0415 - only `helper` needs its loop
+
+    try:
+        config = load_helper_config(args)
+    except ConfigError as err:
+        raise CommandError(str(err)) from err
+    configure_logging(fmt=config.log_format, level=config.log_level)
+    helper = Helper(config)
+    try:
+        if config.once:
+            asyncio.run(helper.run_once())
+        else:
+            asyncio.run(helper.run(announce=lambda line: print(line, file=out, flush=True)))
+    except KeyboardInterrupt:
+        return 130
+    except SpiffeError as err:  # no SVID in time, an unusable cert dir or socket address
+        raise CommandError(str(err)) from err
+    except OSError as err:  # the files cannot be written, the health port cannot be bound
+        raise CommandError(f"helper: {err.filename or ''}: {err.strerror or err}") from err
+    except Exception:  # the composition root: anything else is logged, then the process fails
+        logging.getLogger("spiffe-agent").exception("spiffe-agent helper failed")
         return 1
     return 0
 
@@ -221,20 +310,6 @@ def _print_x509(context: X509Context, args: argparse.Namespace, out: TextIO) -> 
 def _remaining(moment: datetime) -> str:
     seconds = int((moment - datetime.now(UTC)).total_seconds())
     return f"in {seconds // 60}m{seconds % 60:02d}s" if seconds >= 0 else "expired"
-
-
-def write_x509_files(directory: Path, context: X509Context) -> list[Path]:
-    """Write the default SVID, its key (0600) and the bundle as PEM files, each atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    svid = context.svids[0]
-    files = [
-        (directory / "svid.pem", svid.cert_chain_pem(), 0o644),
-        (directory / "svid_key.pem", svid.private_key_pem(), 0o600),
-        (directory / "bundle.pem", dump_pem_certificates(context.bundle.authorities), 0o644),
-    ]
-    for path, data, mode in files:
-        write_atomically(path, data, mode=mode)
-    return [path for path, _, _ in files]
 
 
 def _fetch_x509(args: argparse.Namespace, out: TextIO) -> int:
