@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from spiffecore import SpiffeID
+from tests.support.process import start_until_ready
 from tests.support.server import CLIResult, ServerProcess, script
 
 READY_TIMEOUT: Final = 30.0
@@ -271,47 +272,19 @@ def start_agent(
         status=status,
         extra=extra,
     )
-    stamp = time.monotonic_ns()
-    stdout_path = logs / f"stdout-{stamp}.txt"
-    stderr_path = logs / f"stderr-{stamp}.txt"
-    stdout = stdout_path.open("wb")
-    stderr = stderr_path.open("wb")
-    process = subprocess.Popen(argv, stdout=stdout, stderr=stderr)  # noqa: S603 - our own console script
-    deadline = time.monotonic() + timeout
-    while True:
-        text = stdout_path.read_text(errors="replace")
-        if "\n" in text:
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            stdout.close()
-            stderr.close()
-            raise AssertionError(
-                f"spiffe-agent did not become ready (exit code {process.returncode})\n"
-                f"stdout: {text}\nstderr: {stderr_path.read_text(errors='replace')}"
-            )
-        time.sleep(0.02)
-    lines = text.splitlines()
-    match = READY_RE.fullmatch(lines[0])
-    if len(lines) != 1 or match is None:
-        process.kill()
-        process.wait()
-        stdout.close()
-        stderr.close()
-        raise AssertionError(f"unexpected stdout from spiffe-agent: {text!r}")
-    assert Path(match["socket"]) == socket_path, text
+    started = start_until_ready(argv, logs=logs, name="spiffe-agent", ready=READY_RE, timeout=timeout)
+    match = started.ready
+    assert Path(match["socket"]) == socket_path, match.string
     return AgentProcess(
-        process=process,
+        process=started.process,
         data_dir=data_dir,
         socket=socket_path,
         agent_id=SpiffeID.parse(match["id"]),
         status=status,
-        stdout_path=stdout_path,
-        stderr_path=stderr_path,
-        _stdout=stdout,
-        _stderr=stderr,
+        stdout_path=started.stdout_path,
+        stderr_path=started.stderr_path,
+        _stdout=started.stdout,
+        _stderr=started.stderr,
     )
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from spiffecore import SpiffeBundle, TrustDomain
+from tests.support.process import start_until_ready
 
 TRUST_DOMAIN: Final = "example.org"
 READY_TIMEOUT: Final = 30.0
@@ -198,42 +199,17 @@ def start_server(
     if database_url is not None:
         argv += ["--database-url", database_url]
     argv += extra
-    stdout_path = logs / f"stdout-{time.monotonic_ns()}.txt"
-    stderr_path = logs / f"stderr-{time.monotonic_ns()}.txt"
-    stdout = stdout_path.open("wb")
-    stderr = stderr_path.open("wb")
-    process = subprocess.Popen(argv, stdout=stdout, stderr=stderr)  # noqa: S603 - our own console script
-    deadline = time.monotonic() + timeout
-    while True:
-        text = stdout_path.read_text(errors="replace")
-        if "\n" in text:
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            stdout.close()
-            stderr.close()
-            raise AssertionError(
-                f"spiffe-server did not become ready (exit code {process.returncode})\n"
-                f"stdout: {text}\nstderr: {stderr_path.read_text(errors='replace')}"
-            )
-        time.sleep(0.02)
-    lines = text.splitlines()
-    match = READY_RE.fullmatch(lines[0])
-    if len(lines) != 1 or match is None:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"unexpected stdout from spiffe-server: {text!r}")
+    started = start_until_ready(argv, logs=logs, name="spiffe-server", ready=READY_RE, timeout=timeout)
+    match = started.ready
     return ServerProcess(
-        process=process,
+        process=started.process,
         data_dir=data_dir,
         admin_socket=Path(match["socket"]),
         address=f"{match['host']}:{match['port']}",
         trust_domain=TrustDomain.parse(match["td"]),
-        stderr_path=stderr_path,
-        _stderr=stderr,
-        _stdout=stdout,
+        stderr_path=started.stderr_path,
+        _stderr=started.stderr,
+        _stdout=started.stdout,
     )
 
 
