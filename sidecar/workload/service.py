@@ -45,7 +45,7 @@ from google.protobuf.message import Message
 
 from sidecar.agent.attestors.base import Caller, WorkloadAttestationError, WorkloadAttestor
 from sidecar.workload import convert
-from sidecar.workload.identities import IdentityProvider
+from sidecar.workload.identities import IdentityProvider, X509Context
 from spiffecore import JWTSVID, BundleNotFoundError, JWTBundle, JWTSVIDError, SpiffeError, SpiffeID, TrustDomain
 from spiffecore.errors import quote
 from spiffeproto import workload_pb2, workload_pb2_grpc
@@ -54,6 +54,7 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 CallerOf: TypeAlias = Callable[[Context], Caller | None]
 """Maps a call's context (its gRPC peer) to the process that made it; ``None`` when unknown."""
 
+RESPONSE_CACHE_SIZE: Final = 256
 HEADER: Final = "workload.spiffe.io"
 HEADER_VALUE: Final = "true"
 
@@ -111,6 +112,55 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class X509ResponseCache:
+    """Built ``X509SVIDResponse`` messages, so the DER and PKCS#8 encoding of an identity happens
+    once per change rather than once per stream.
+
+    Cache rule: a response is a pure function of the :class:`X509Context` it was built from, whose
+    parts (SVIDs, bundles) are immutable values. A held response is reused only for a context made
+    of the very same SVID and bundle objects (identity, not equality), in the same order: the
+    provider returns those until an SVID is renewed, dropped or re-labelled or a bundle changes, and
+    then the response is built anew. The provider still decides every call (which entries apply,
+    which SVIDs are unexpired) from the caller's own selectors; only the encoding is reused. Keys
+    are those selectors; nothing of a caller's process or connection is kept. A held context keeps
+    its objects alive, so their identities cannot pass to other objects meanwhile. At most
+    ``max_size`` selector sets are held; the least recently used goes first.
+    """
+
+    def __init__(self, *, max_size: int = RESPONSE_CACHE_SIZE) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, not {max_size}")
+        self._max_size = max_size
+        self._held: dict[frozenset[str], tuple[X509Context, workload_pb2.X509SVIDResponse]] = {}
+        self.built = 0
+        """How many responses were built (not reused) so far."""
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def response(self, selectors: frozenset[str], context: X509Context) -> workload_pb2.X509SVIDResponse:
+        held = self._held.pop(selectors, None)  # re-inserted last: the dict stays in LRU order
+        if held is not None and _same_objects(held[0], context):
+            self._held[selectors] = held
+            return held[1]
+        response = convert.x509_svid_response(context)
+        self.built += 1
+        while len(self._held) >= self._max_size:
+            del self._held[next(iter(self._held))]
+        self._held[selectors] = (context, response)
+        return response
+
+
+def _same_objects(a: X509Context, b: X509Context) -> bool:
+    return (
+        a.bundle is b.bundle
+        and len(a.svids) == len(b.svids)
+        and all(x is y for x, y in zip(a.svids, b.svids, strict=True))
+        and len(a.federated) == len(b.federated)
+        and all(b.federated.get(td) is bundle for td, bundle in a.federated.items())
+    )
+
+
 class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     """The Workload API, served from an :class:`IdentityProvider` to attested callers."""
 
@@ -126,6 +176,7 @@ class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self._caller_of = caller_of
         self._attestor = attestor
         self._clock = clock
+        self._x509_responses = X509ResponseCache()
 
     # --- the five RPCs ---------------------------------------------------------------------------
 
@@ -140,7 +191,7 @@ class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 return None
             if not x509_context.svids:  # entries apply, their SVIDs are still being signed
                 return PENDING
-            return convert.x509_svid_response(x509_context)
+            return self._x509_responses.response(selectors, x509_context)
 
         async for response in self._stream(context, call, build):
             yield response
@@ -284,7 +335,7 @@ class WorkloadAPIService(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             if isinstance(response, _Pending):
                 await self._identities.changed(generation)
                 continue
-            if response != last:
+            if response is not last and response != last:
                 yield response
                 last = response
             await self._identities.changed(generation)

@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.agent.attestors.base import Caller, WorkloadAttestationError, parse_stat, read_stat
-from sidecar.agent.attestors.unix import UnixAttestor, UnixAttestorConfig, parse_groups
+from sidecar.agent.attestors.unix import DigestCache, NameCache, UnixAttestor, UnixAttestorConfig, parse_groups
 
 _sleep = shutil.which("sleep")
 assert _sleep is not None
@@ -345,3 +345,221 @@ def test_config_is_typed() -> None:
         UnixAttestorConfig(workload_size_limit=True)
     assert UnixAttestor().name == "unix"
     assert UnixAttestor().config == UnixAttestorConfig(discover_workload_path=False, workload_size_limit=0)
+
+
+# --- caches: names by id, digests by file identity; nothing per process ------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingLookup:
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.calls: list[int] = []
+
+    def __call__(self, key: int) -> str | None:
+        self.calls.append(key)
+        return self.names.get(key)
+
+
+def test_name_cache_keeps_answers_for_the_ttl() -> None:
+    clock = FakeClock()
+    lookup = CountingLookup({0: "root"})
+    names = NameCache(lookup, ttl=30.0, clock=clock)
+    with pytest.raises(KeyError):
+        names.cached(0)
+    assert names.get(0) == "root"
+    assert names.get(7) is None  # "no such id" is an answer too
+    clock.now += 29.9
+    assert (names.get(0), names.cached(0), names.get(7)) == ("root", "root", None)
+    assert lookup.calls == [0, 7]
+    lookup.names[0] = "renamed"
+    clock.now += 0.1  # expired: asked again
+    with pytest.raises(KeyError):
+        names.cached(0)
+    assert names.get(0) == "renamed"
+    assert lookup.calls == [0, 7, 0]
+
+
+def test_name_cache_is_bounded() -> None:
+    lookup = CountingLookup({})
+    names = NameCache(lookup, max_size=2, clock=FakeClock())
+    for key in (1, 2, 3):
+        names.get(key)
+    assert len(names) == 2
+    names.get(1)  # the oldest answer was dropped
+    assert lookup.calls == [1, 2, 3, 1]
+    with pytest.raises(ValueError, match="max_size must be at least 1"):
+        NameCache(lookup, max_size=0)
+    with pytest.raises(ValueError, match="ttl must not be negative"):
+        NameCache(lookup, ttl=-1)
+
+
+def _settled(path: Path) -> float:
+    """A wall clock for which ``path``'s last change is long past (it was just written)."""
+    return path.stat().st_ctime + 3600
+
+
+def test_digest_cache_hits_for_the_same_file(tmp_path: Path) -> None:
+    program = tmp_path / "program"
+    program.write_bytes(b"first version")
+    digests = DigestCache(wall_clock=lambda: _settled(program))
+    fd = os.open(program, os.O_RDONLY)
+    try:
+        assert digests.digest(fd) == hashlib.sha256(b"first version").hexdigest()
+        assert len(digests) == 1
+        assert digests.digest(fd) == hashlib.sha256(b"first version").hexdigest()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("change", ["same-size-rewrite", "mtime-set-back", "replaced-by-rename"])
+def test_digest_cache_misses_when_the_file_changes(tmp_path: Path, change: str) -> None:
+    program = tmp_path / "program"
+    program.write_bytes(b"first version")
+    old = program.stat()
+    digests = DigestCache(wall_clock=lambda: time.time() + 3600)
+    fd = os.open(program, os.O_RDONLY)
+    try:
+        digests.digest(fd)
+    finally:
+        os.close(fd)
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    if change == "replaced-by-rename":
+        (tmp_path / "new").write_bytes(b"other version")
+        (tmp_path / "new").rename(program)
+    else:
+        with program.open("r+b") as file:  # in place: same inode, same size
+            file.write(b"other version")
+    if change == "mtime-set-back":
+        os.utime(program, ns=(old.st_atime_ns, old.st_mtime_ns))  # ctime still moves
+    fd = os.open(program, os.O_RDONLY)
+    try:
+        assert digests.digest(fd) == hashlib.sha256(b"other version").hexdigest()
+    finally:
+        os.close(fd)
+
+
+def test_digest_cache_keeps_nothing_of_a_file_changed_just_before(tmp_path: Path) -> None:
+    # A file changed less than `settle` seconds before hashing is hashed every time: its ctime
+    # could be shared by a file that reuses its inode within the file system's clock granularity.
+    program = tmp_path / "program"
+    program.write_bytes(b"fresh")
+    digests = DigestCache(settle=2.0, wall_clock=lambda: program.stat().st_ctime + 1.0)
+    fd = os.open(program, os.O_RDONLY)
+    try:
+        assert digests.digest(fd) == hashlib.sha256(b"fresh").hexdigest()
+    finally:
+        os.close(fd)
+    assert len(digests) == 0
+
+
+def test_digest_cache_is_bounded(tmp_path: Path) -> None:
+    digests = DigestCache(max_size=2, wall_clock=lambda: time.time() + 3600)
+    for index in range(3):
+        path = tmp_path / f"program-{index}"
+        path.write_bytes(b"x" * index)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            digests.digest(fd)
+        finally:
+            os.close(fd)
+    assert len(digests) == 2
+    with pytest.raises(ValueError, match="max_size must be at least 1"):
+        DigestCache(max_size=0)
+
+
+class ThreadCount:
+    """Counts the attestations that went to a worker thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = asyncio.to_thread
+
+        async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await original(func, *args, **kwargs)
+
+        monkeypatch.setattr(asyncio, "to_thread", to_thread)
+
+
+async def test_attestation_with_cached_names_runs_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = ThreadCount(monkeypatch)
+    users, groups = CountingLookup({0: "root"}), CountingLookup({0: "root"})
+    attestor = UnixAttestor(users=NameCache(users), groups=NameCache(groups))
+    with running() as process:
+        caller = caller_of(process)
+        first = await attestor.attest(caller)
+        assert threads.calls == 1  # the names were asked in a worker thread
+        assert await attestor.attest(caller) == first
+        assert threads.calls == 1  # then on the loop, from the cache
+    assert (users.calls, groups.calls) == ([0], [0])
+
+
+async def test_hashing_always_runs_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Opening the executable may stall on a FUSE or network file system.
+    threads = ThreadCount(monkeypatch)
+    attestor = UnixAttestor(UnixAttestorConfig(discover_workload_path=True))
+    with running() as process:
+        caller = caller_of(process, uid=os.getuid(), gid=os.getgid())
+        await attestor.attest(caller)
+        await attestor.attest(caller)
+    assert threads.calls == 2
+    never_hash = UnixAttestor(UnixAttestorConfig(discover_workload_path=True, workload_size_limit=-1))
+    with running() as process:
+        caller = caller_of(process, uid=os.getuid(), gid=os.getgid())
+        await never_hash.attest(caller)
+        await never_hash.attest(caller)
+    assert threads.calls == 3  # the path alone is read on the loop once the names are cached
+
+
+async def test_nothing_of_a_process_is_cached_a_reused_pid_is_still_caught() -> None:
+    attestor = UnixAttestor()
+    with running() as process:
+        caller = caller_of(process)
+        await attestor.attest(caller)  # names now cached
+        with pytest.raises(WorkloadAttestationError, match="is not the caller"):
+            await attestor.attest(dataclasses.replace(caller, start_time=caller.start_time + 1))
+        assert await attestor.attest(dataclasses.replace(caller, uid=54321, gid=54322)) >= {
+            "unix:uid:54321",
+            "unix:gid:54322",
+        }
+
+
+@root_only
+async def test_each_process_gets_its_own_supplementary_groups_with_a_warm_cache() -> None:
+    attestor = UnixAttestor()
+    with running(extra_groups=[100]) as with_group, running(extra_groups=[]) as without:
+        assert "unix:supplementary_gid:100" in await attestor.attest(caller_of(with_group))
+        assert not any("supplementary" in s for s in await attestor.attest(caller_of(without)))
+
+
+async def test_exec_changes_path_and_digest_at_once(tmp_path: Path) -> None:
+    # exec keeps the pid and the start time: the executable is read anew on every call.
+    shell = shutil.which("sh")
+    assert shell is not None
+    attestor = UnixAttestor(
+        UnixAttestorConfig(discover_workload_path=True), digests=DigestCache(wall_clock=lambda: time.time() + 3600)
+    )
+    with running([shell, "-c", f"read line; exec {SLEEP} 60"], stdin=subprocess.PIPE) as process:
+        caller = caller_of(process, uid=os.getuid(), gid=os.getgid())
+        before = await attestor.attest(caller)
+        assert f"unix:path:{SLEEP}" not in before
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        process.stdin.close()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{process.pid}/exe").resolve() != SLEEP:
+            assert time.monotonic() < deadline, "the shell never ran exec"
+            time.sleep(0.005)
+        assert read_stat(process.pid).start_time == caller.start_time
+        after = await attestor.attest(caller)
+    assert f"unix:path:{SLEEP}" in after
+    assert f"unix:sha256:{hashlib.sha256(SLEEP.read_bytes()).hexdigest()}" in after
+    assert not any(s.startswith("unix:sha256:") and s in before for s in after)

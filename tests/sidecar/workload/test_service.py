@@ -15,8 +15,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from sidecar.agent.attestors.base import WorkloadAttestationError
-from sidecar.workload.service import FOREIGN_CLAIMS
-from spiffecore import JWTSVID, BundleSet, JWTSVIDError
+from sidecar.workload import convert
+from sidecar.workload.identities import X509Context
+from sidecar.workload.service import FOREIGN_CLAIMS, X509ResponseCache
+from spiffecore import JWTSVID, X509SVID, BundleSet, JWTSVIDError, TrustDomain, X509Bundle
 from spiffeproto import workload_pb2, workload_pb2_grpc
 from tests.sidecar.workload.conftest import PARTNER, Served
 from tests.sidecar.workload.support import SELECTORS
@@ -420,3 +422,67 @@ async def test_invalid_token_is_never_logged(
         assert all(token not in str(value) for value in record.__dict__.values())
         for part in token.split("."):
             assert all(part not in str(value) for value in record.__dict__.values())
+
+
+# --- the built-response cache ------------------------------------------------------------------------
+
+
+def _context(svids: tuple[X509SVID, ...], bundle: X509Bundle, **federated: X509Bundle) -> X509Context:
+    return X509Context(svids=svids, bundle=bundle, federated={TrustDomain.parse(td): b for td, b in federated.items()})
+
+
+def test_response_cache_builds_once_per_identity(ca: TestCA) -> None:
+    responses = X509ResponseCache()
+    svid, bundle = ca.mint("/web").svid(), ca.x509_bundle()
+    first_response = responses.response(SELECTORS, _context((svid,), bundle))
+    # A new context (as the provider makes on every call) of the same SVID and bundle objects.
+    assert responses.response(SELECTORS, _context((svid,), bundle)) is first_response
+    assert responses.built == 1
+    assert first_response == convert.x509_svid_response(_context((svid,), bundle))
+
+
+@pytest.mark.parametrize("change", ["svid", "relabelled", "bundle", "order", "fewer", "federated"])
+def test_response_cache_rebuilds_when_any_part_is_another_object(ca: TestCA, change: str) -> None:
+    partner = TestCA.create("partner.org").x509_bundle()
+    web, db, bundle = ca.mint("/web").svid(), ca.mint("/db").svid(), ca.x509_bundle()
+    responses = X509ResponseCache()
+    responses.response(SELECTORS, _context((web, db), bundle, **{"partner.org": partner}))
+    changed = {
+        "svid": lambda: _context((ca.mint("/web").svid(), db), bundle, **{"partner.org": partner}),
+        "relabelled": lambda: _context(
+            (X509SVID.from_chain(web.cert_chain, web.private_key, hint="new"), db), bundle, **{"partner.org": partner}
+        ),
+        "bundle": lambda: _context((web, db), ca.x509_bundle(), **{"partner.org": partner}),
+        "order": lambda: _context((db, web), bundle, **{"partner.org": partner}),
+        "fewer": lambda: _context((web,), bundle, **{"partner.org": partner}),
+        "federated": lambda: _context((web, db), bundle),
+    }[change]()
+    response = responses.response(SELECTORS, changed)
+    assert responses.built == 2
+    assert response == convert.x509_svid_response(changed)
+
+
+def test_response_cache_is_keyed_by_selectors_and_bounded(ca: TestCA) -> None:
+    responses = X509ResponseCache(max_size=2)
+    context = _context((ca.mint("/web").svid(),), ca.x509_bundle())
+    first_set, second_set, third_set = (frozenset({f"unix:uid:{uid}"}) for uid in (1, 2, 3))
+    responses.response(first_set, context)
+    responses.response(second_set, context)
+    responses.response(first_set, context)  # used last: the second set is now the oldest
+    responses.response(third_set, context)
+    assert (len(responses), responses.built) == (2, 3)
+    responses.response(first_set, context)
+    assert responses.built == 3
+    responses.response(second_set, context)
+    assert responses.built == 4
+    with pytest.raises(ValueError, match="max_size must be at least 1"):
+        X509ResponseCache(max_size=0)
+
+
+async def test_streams_of_one_identity_share_one_built_response(stub: Stub, served: Served) -> None:
+    served.identities.add_entry("/web")
+    messages = [await first(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)) for _ in range(3)]
+    assert messages[0] == messages[1] == messages[2]
+    rotated = served.identities.rotate(0)
+    message = await first(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert message.svids[0].x509_svid == rotated.cert_chain_der()
