@@ -54,6 +54,7 @@ bench: $(INSTALLED) services ## the benchmarks in bench/ (each prints a table ag
 	$(PY) bench/verify.py
 	$(PY) bench/frontdoor.py
 	$(PY) bench/controlplane.py
+	$(PY) bench/sds.py
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -21,10 +21,11 @@ import grpc
 from prometheus_client import CollectorRegistry, Gauge
 
 from sidecar.agent.attestors.unix import UnixAttestor, UnixAttestorConfig
-from sidecar.agent.config import AgentConfig
+from sidecar.agent.config import AgentConfig, SDSSection
 from sidecar.agent.node import AgentNode, NodeSettings, load_or_attest
 from sidecar.agent.peer import FrontDoor, grpc_backend_address
 from sidecar.agent.sync import AgentSync
+from sidecar.sds.resources import SDSConfig
 from sidecar.sds.service import SecretDiscoveryService, add_to_server
 from sidecar.workload.service import WorkloadAPIService
 from spiffeops.lifecycle import wait_for_shutdown_signal
@@ -36,6 +37,16 @@ SHUTDOWN_GRACE: Final = 5.0
 MAX_PENDING_REQUESTS: Final = 100_000
 
 log = logging.getLogger("spiffe-agent")
+
+
+def sds_config(section: SDSSection) -> SDSConfig:
+    """The SDS server's settings from ``agent.yaml``'s ``sds:`` section."""
+    return SDSConfig(
+        default_svid_name=section.default_svid_name,
+        root_ca_name=section.root_ca_name,
+        all_bundles_name=section.all_bundles_name,
+        disable_spiffe_validation=section.disable_spiffe_cert_validation,
+    )
 
 
 class Agent:
@@ -101,7 +112,10 @@ class Agent:
                 workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(
                     WorkloadAPIService(sync.cache, front_door.caller_of, attestor), server
                 )
-                add_to_server(SecretDiscoveryService(sync.cache, front_door.caller_of, attestor), server)
+                add_to_server(
+                    SecretDiscoveryService(sync.cache, front_door.caller_of, attestor, config=sds_config(config.sds)),
+                    server,
+                )
                 server.add_insecure_port(backend)
                 await server.start()
                 async with front_door:

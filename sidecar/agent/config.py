@@ -45,6 +45,33 @@ class WorkloadAttestorsSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SDSSection:
+    """Envoy SDS on the agent's socket: the resource names (``null`` disables one) and the bundles' form.
+
+    The defaults are SPIRE's and Istio's names. Istio with federation wants ``ROOTCA`` to mean every
+    bundle: ``root_ca_name: null`` and ``all_bundles_name: ROOTCA``.
+    """
+
+    default_svid_name: str | None = "default"
+    root_ca_name: str | None = "ROOTCA"
+    all_bundles_name: str | None = "ALL"
+    # Bundles as a plain trusted_ca of one trust domain instead of Envoy's SPIFFE certificate
+    # validator (then all_bundles_name cannot be served). SPIRE's key of the same name.
+    disable_spiffe_cert_validation: bool = False
+
+    def __post_init__(self) -> None:
+        # The SDS server's own rules for names, checked here so the error names this section and its
+        # line. Imported late: the workload commands read this module and need no Envoy protos.
+        from sidecar.sds.resources import SDSConfig  # noqa: PLC0415
+
+        SDSConfig(
+            default_svid_name=self.default_svid_name,
+            root_ca_name=self.root_ca_name,
+            all_bundles_name=self.all_bundles_name,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     trust_domain: str
     server: str = DEFAULT_SERVER
@@ -59,6 +86,7 @@ class AgentConfig:
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
     workload_attestors: WorkloadAttestorsSection = field(default_factory=WorkloadAttestorsSection)
+    sds: SDSSection = field(default_factory=SDSSection)
 
     def __post_init__(self) -> None:
         try:
