@@ -45,15 +45,17 @@ unit: proto services ## the test suite alone
 
 test: lint unit ## lint, types, import contracts and the whole test suite
 
-demo: ## run the whole system on this machine (control plane, agent, Envoy sidecars)
-	@echo "make demo: not available yet. The demo needs the control plane, the agent and the SDS server," >&2
-	@echo "which are still being built; until then 'make test' exercises what exists." >&2
-	@exit 1
+# demo/run.py takes --duration SECONDS, --keep, --quiet, --pause SECONDS: make demo DEMO_ARGS=--keep
+DEMO_ARGS ?=
+
+demo: $(INSTALLED) ## run the whole system on this machine, narrated (control plane, agent, Envoy sidecars); Ctrl-C stops it
+	$(PY) -m demo $(DEMO_ARGS)
 
 bench: $(INSTALLED) services ## the benchmarks in bench/ (each prints a table against its peers)
 	$(PY) bench/verify.py
 	$(PY) bench/frontdoor.py
 	$(PY) bench/controlplane.py
+	$(PY) bench/agent.py
 	$(PY) bench/sds.py
 
 clean: ## remove the virtualenv and caches

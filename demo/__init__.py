@@ -1,0 +1,1 @@
+"""``make demo``: spiffe-sidecar running on this machine, narrated (:mod:`demo.run`)."""
