@@ -39,7 +39,6 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -54,6 +53,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import Verdict, percentile, table
 from sidecar.workload.client import WorkloadAPIClient
 from spiffeproto import registration_pb2, registration_pb2_grpc, types_pb2
 from tests.support.agent import AgentProcess, free_port, socket_dir, start_agent, write_roots
@@ -123,12 +123,6 @@ CLIENT: Final = textwrap.dedent(
 
 
 # --- results ---------------------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], which: int) -> float:
-    if len(samples) == 1:
-        return samples[0]
-    return statistics.quantiles(sorted(samples), n=100, method="inclusive")[which - 1]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -386,13 +380,6 @@ async def run(mode: Mode) -> Report:
 # --- output ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Verdict:
-    key: str
-    met: bool
-    text: str
-
-
 def verdicts(report: Report) -> list[Verdict]:
     return [
         Verdict(
@@ -416,14 +403,6 @@ def _environment(mode: Mode) -> dict[str, Any]:
     }
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return [
-        "  ".join([row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))])
-        for row in rows
-    ]
-
-
 def render_text(report: Report, mode: Mode) -> str:
     lines = [f"{key}: {value}" for key, value in _environment(mode).items()]
     rows: list[tuple[str, ...]] = [("case", "n", "p50 ms", "p90 ms", "p99 ms", "max ms")]
@@ -440,13 +419,13 @@ def render_text(report: Report, mode: Mode) -> str:
     lines += [
         "",
         "Latency (first responses measured in the client processes; entry-to-SVID in this process)",
-        *_table(rows),
+        *table(rows),
         f"  (agent CPU per concurrent stream, connection to first response: "
         f"{report.agent_cpu_per_stream * 1000:.2f} ms; CreateEntry acknowledged: "
         f"p50 {percentile(report.acknowledged, 50) * 1000:.1f} ms)",
         "",
         "Agent memory (RSS from /proc)",
-        *_table(
+        *table(
             [
                 ("cached SVIDs", "RSS before MiB", "RSS after MiB", "KiB per SVID", "set-up s (create / all signed)"),
                 (

@@ -70,6 +70,7 @@ from sqlalchemy.engine import URL, make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import Verdict, table
 from controlplane.model import RegistrationEntry, Selector
 from controlplane.store import Store, sqlite_url
 from sidecar.agent.serverapi import (
@@ -600,13 +601,6 @@ def _environment(mode: Mode) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Verdict:
-    key: str
-    met: bool
-    text: str
-
-
 def verdicts(report: Report) -> list[Verdict]:
     signing = report.signing
     best = signing.best()
@@ -631,15 +625,6 @@ def verdicts(report: Report) -> list[Verdict]:
             Verdict(key=key, met=p99 < target, text=f"p99 < {target * 1000:,.0f} ms: p99 {p99 * 1000:.1f} ms")
         )
     return verdict_list
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))]
-        lines.append("  ".join(cells))
-    return lines
 
 
 def _signing_rows(signing: Signing) -> list[tuple[str, ...]]:
@@ -681,10 +666,10 @@ def render_text(report: Report, mode: Mode) -> str:
         "",
         f"X.509-SVID signing through BatchNewX509SVID (one agent, one mTLS connection, {BATCH} CSRs per batch);",
         "raw = cryptography in this process on one thread; ± = largest deviation from the median",
-        *_table(_signing_rows(report.signing)),
+        *table(_signing_rows(report.signing)),
         "",
         "Entry snapshot: WatchEntries opened to last snapshot page received (server's default page size)",
-        *_table(
+        *table(
             [
                 ("entries", "pages", "median s", "min s", "max s", "entries/s", "runs"),
                 (
@@ -703,7 +688,7 @@ def render_text(report: Report, mode: Mode) -> str:
         "",
         "Entry created (registration API, admin socket) to agent notified (WatchEntries delta); "
         "ack = CreateEntry returned",
-        *_table(_latency_rows([report.one_server, report.two_servers])),
+        *table(_latency_rows([report.one_server, report.two_servers])),
         "",
     ]
     for verdict in verdicts(report):

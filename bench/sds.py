@@ -80,6 +80,7 @@ from google.protobuf.message import Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import Verdict, percentile, table
 from sidecar.sds.resources import SECRET_TYPE_URL
 from sidecar.sds.service import Context, SecretDiscoveryService, add_to_server
 from spiffecore import X509Bundle
@@ -264,12 +265,6 @@ class Poller:
 
 
 # --- results -------------------------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], which: int) -> float:
-    if len(samples) == 1:
-        return samples[0]
-    return statistics.quantiles(sorted(samples), n=100, method="inclusive")[which - 1]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -616,13 +611,6 @@ async def run(mode: Mode) -> Report:
 # --- output --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Verdict:
-    key: str
-    met: bool
-    text: str
-
-
 def verdicts(report: Report) -> list[Verdict]:
     push = report.push_servicer.p(99)
     rounds = report.fanout_servicer.last or [max(report.fanout_servicer.samples)]
@@ -663,14 +651,6 @@ def _environment(report: Report, mode: Mode) -> dict[str, Any]:
     }
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return [
-        "  ".join([row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))])
-        for row in rows
-    ]
-
-
 def _latencies(report: Report) -> list[tuple[str, Latency]]:
     return [
         ("push_servicer", report.push_servicer),
@@ -701,14 +681,14 @@ def render_text(report: Report, mode: Mode) -> str:
         *(f"  {key}: {value}" for key, value in _environment(report, mode).items()),
         "",
         "Push-to-live, one Envoy: trigger -> new leaf serial in Envoy's /certs",
-        *_table([header, *(_row(latency) for _, latency in _latencies(report)[:4])]),
+        *table([header, *(_row(latency) for _, latency in _latencies(report)[:4])]),
         f"  (/certs read every {POLL_INTERVAL * 1000:g} ms + the read: gap between reads p50 "
         f"{percentile(report.poll_gaps, 50) * 1000:.2f} ms, p99 {percentile(report.poll_gaps, 99) * 1000:.2f} ms; "
         f"a read takes p50 {percentile(report.poll_reads, 50) * 1000:.2f} ms)",
         "",
         f"Fan-out: trigger -> new version on each of {STREAMS:,} StreamSecrets streams, received in the client "
         "processes (percentiles over every stream of every round; last = the round's last stream, median of rounds)",
-        *_table([header, *(_row(latency) for _, latency in _latencies(report)[4:])]),
+        *table([header, *(_row(latency) for _, latency in _latencies(report)[4:])]),
         f"  (servicer: its last response built and handed to gRPC {statistics.median(sent_last) * 1000:.1f} ms after "
         f"the trigger, median of rounds; then gRPC's writes and the {CLIENT_PROCESSES} client processes' reads, "
         "on the same CPUs)",

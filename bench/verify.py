@@ -58,6 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import table
 from spiffecore import JWTSVID, BundleSet, SpiffeBundle, TrustDomain, VerificationCache, verify_x509_svid
 from spiffecore.verify import _CA_POLICY, _EE_POLICY
 
@@ -535,15 +536,6 @@ def _row(result: Result) -> tuple[str, ...]:
     )
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))]
-        lines.append("  ".join(cells))
-    return lines
-
-
 def render_text(results: Sequence[Result], mode: Mode) -> str:
     environment = _environment(mode)
     lines = [
@@ -554,7 +546,7 @@ def render_text(results: Sequence[Result], mode: Mode) -> str:
     ]
     for family in (X509_FAMILY, X509_CACHED_FAMILY, JWT_FAMILY):
         rows = [_row(result) for result in results if result.case.family == family]
-        lines += ["", f"{family.title}; peer = {family.peer}", *_table([_HEADER, *rows])]
+        lines += ["", f"{family.title}; peer = {family.peer}", *table([_HEADER, *rows])]
     lines.append("")
     for verdict in verdicts(results):
         state = "MET" if verdict.met else "NOT MET"
