@@ -32,13 +32,15 @@ lint: proto ## ruff, mypy --strict and the import-linter contracts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# The store's tests run against PostgreSQL on 127.0.0.1:5432 as well as SQLite.
-services: ## start the local PostgreSQL if it is not running
+# The store's tests run against PostgreSQL on 127.0.0.1:5432 as well as SQLite; the proxy's
+# PROXY-protocol tests talk to a real HAProxy (Debian's package).
+services: ## start the local PostgreSQL if it is not running, install HAProxy if missing
 	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
 	  command -v pg_ctlcluster >/dev/null || { echo "PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }; \
 	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
 	  for i in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 	  pg_isready -h 127.0.0.1 -p 5432; }
+	@command -v haproxy >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; }
 
 unit: proto services ## the test suite alone
 	$(PY) -m pytest $(PYTEST_ARGS)

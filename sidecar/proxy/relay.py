@@ -1,0 +1,450 @@
+"""The hot path: one proxied connection, a TLS side and a plaintext side, bytes copied both ways.
+
+Both sides are plain asyncio transports. The TLS side's records go through a pyOpenSSL
+connection on memory BIOs (:class:`TLSSide`), so no event loop's TLS transport is involved: the
+same code is correct on the default loop and on uvloop, whose TLS transport (0.23) loses the
+tail of a stream that ends with close_notify and FIN while reading is paused.
+
+Per direction:
+
+- TLS to plaintext: ciphertext arrives in ``data_received``, goes into the BIO, and is decrypted
+  record by record (``recv``) into a list handed to one ``writelines`` (one vectored send on
+  uvloop). When the plaintext transport's buffer passes its high-water mark the TLS transport
+  stops reading; the records left in the BIO wait there, and are drained when it resumes.
+- Plaintext to TLS: a :class:`PlainSide` (``BufferedProtocol``) reads into one preallocated
+  256 KiB buffer per connection, ``SSL_write`` encrypts it into the BIO and the records go out in
+  one ``write``. A full TLS write buffer pauses the plaintext reader.
+
+Ends of stream: a close_notify, or a FIN (a truncation: logged, but forwarded like an end),
+ends the TLS-to-plaintext direction once every record before it has been written: the plaintext
+side then gets a FIN (``write_eof``). A FIN from the plaintext side makes the TLS side send
+close_notify and then FIN: a real half-close, since we drive the TCP socket ourselves. When one
+direction has ended, the other has ``close_timeout`` seconds to end as well; when both have, both
+transports are closed after their buffers are flushed. ``idle_timeout`` closes a connection that
+moved no byte in either direction for that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, cast
+
+from OpenSSL import SSL
+
+from sidecar.proxy.errors import HandshakeError
+from sidecar.proxy.tls import PeerCheck
+from spiffecore import VerifiedX509SVID
+
+READ_SIZE: Final = 256 * 1024
+"""Plaintext read buffer per connection, and the most decrypted per ``recv``."""
+RECORD_SIZE: Final = 16 * 1024
+"""The most plaintext one TLS record carries: what one ``recv`` can return. Asking for more only
+makes pyOpenSSL allocate (and, past malloc's mmap threshold, map and unmap) a larger buffer."""
+FLUSH_SIZE: Final = READ_SIZE + 64 * 1024
+"""Enough for the records of one full read buffer (16 KiB records and their overhead)."""
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Seconds; ``idle`` ``None`` means no idle timeout."""
+
+    handshake: float = 10.0
+    connect: float = 10.0
+    idle: float | None = None
+    close: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("handshake", "connect", "close"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} timeout must be positive, not {getattr(self, name)}")
+        if self.idle is not None and self.idle <= 0:
+            raise ValueError(f"idle timeout must be positive or None, not {self.idle}")
+
+
+class TLSSide(asyncio.Protocol):
+    """The TLS end of a connection: drives the handshake, then hands records to its :class:`Relay`."""
+
+    def __init__(self, conn: SSL.Connection, check: PeerCheck, *, handshake_timeout: float) -> None:
+        self.conn = conn
+        self.check = check
+        self.transport: asyncio.Transport | None = None
+        self.relay: Relay | None = None
+        self.handshake: asyncio.Future[VerifiedX509SVID] = asyncio.get_running_loop().create_future()
+        self.on_lost: Callable[[TLSSide], None] | None = None
+        self.peer_fin = False
+        self._handshake_timeout = handshake_timeout
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self._timed_out)
+        self._do_handshake()  # a client sends its ClientHello; a server just waits for one
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.bio_write(data)
+        except SSL.Error as err:  # pragma: no cover - the BIO grows as needed
+            self._fail(f"tls: could not buffer records ({err})")
+            return
+        relay = self.relay
+        if relay is not None:
+            relay.tls_readable()
+        elif not self.handshake.done():
+            self._do_handshake()
+        # Otherwise the handshake is done and the relay not started: the records wait in the BIO.
+
+    def eof_received(self) -> bool:
+        self.peer_fin = True
+        relay = self.relay
+        if relay is not None:
+            relay.tls_readable()
+            return True
+        if not self.handshake.done():
+            self._fail(self.check.error or "peer closed the connection during the handshake")
+            return False
+        return True  # the relay will see ``peer_fin`` when it starts
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.handshake.done():
+            self.handshake.set_exception(HandshakeError(self.check.error or "connection lost during the handshake"))
+        if self.relay is not None:
+            self.relay.side_lost("tls", exc)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.tls_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.tls_resume_writing()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send every record OpenSSL has produced."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        bio_read = self.conn.bio_read
+        while True:
+            try:
+                transport.write(bio_read(FLUSH_SIZE))
+            except SSL.WantReadError:
+                return
+
+    def _do_handshake(self) -> None:
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            self.flush()
+            return
+        except SSL.Error as err:
+            self.flush()  # the alert, if OpenSSL made one
+            self._fail(self.check.error or f"tls: handshake failed ({_ssl_reason(err)})")
+            return
+        self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        verified = self.check.verified
+        if verified is None:  # fail closed: no verify callback ran at the leaf
+            self._fail(self.check.reason())
+            return
+        assert self.transport is not None
+        self.transport.pause_reading()  # until the relay starts; records wait in the kernel and the BIO
+        self.handshake.set_result(verified)
+
+    def _fail(self, reason: str) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(HandshakeError(reason))
+        if self.transport is not None:
+            self.transport.close()  # flushes the alert, then closes
+
+    def _timed_out(self) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(HandshakeError(f"handshake timed out after {self._handshake_timeout:g} s"))
+            if self.transport is not None:
+                self.transport.abort()
+
+
+class PlainSide(asyncio.BufferedProtocol):
+    """The plaintext end of a connection: reads into the relay's buffer."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.plain = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.relay.plain.pause_reading()  # until the relay starts
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.relay.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.relay.plain_data(nbytes)
+
+    def eof_received(self) -> bool:
+        self.relay.plain_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.side_lost("plain", exc)
+
+    def pause_writing(self) -> None:
+        self.relay.plain_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.relay.plain_resume_writing()
+
+
+class Relay:
+    """Copies bytes between a :class:`TLSSide` and a plaintext transport (set by :class:`PlainSide`).
+
+    ``from_tls`` counts bytes from TLS to plaintext, ``to_tls`` from plaintext to TLS (both
+    plaintext bytes). ``on_done`` is called once, when both transports are gone.
+    """
+
+    __slots__ = (
+        "_active",
+        "_close_timer",
+        "_closed",
+        "_early",
+        "_early_eof",
+        "_idle_timer",
+        "_lost",
+        "_plain_paused",
+        "buffer",
+        "down_done",
+        "from_tls",
+        "label",
+        "on_done",
+        "plain",
+        "timeouts",
+        "tls",
+        "to_tls",
+        "up_done",
+    )
+
+    def __init__(self, *, timeouts: Timeouts, label: str = "", on_done: Callable[[Relay], None] | None = None) -> None:
+        self.timeouts = timeouts
+        self.label = label
+        self.on_done = on_done
+        self.tls: TLSSide | None = None
+        self.plain: asyncio.Transport | None = None
+        self.buffer = memoryview(bytearray(READ_SIZE))
+        self.from_tls = 0
+        self.to_tls = 0
+        self.down_done = False
+        self.up_done = False
+        self._plain_paused = False  # the plaintext transport's write buffer is full
+        self._active = False
+        self._closed = False
+        self._lost: set[str] = set()
+        self._early: list[bytes] = []  # plaintext read before start() (uvloop reads despite pause_reading)
+        self._early_eof = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    def start(self, tls: TLSSide) -> None:
+        """Begin copying: both sides are connected and the handshake has been verified."""
+        assert self.plain is not None
+        assert tls.transport is not None
+        self.tls = tls
+        tls.relay = self
+        if self.timeouts.idle is not None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.timeouts.idle, self._idle_check)
+        tls.transport.resume_reading()
+        self.plain.resume_reading()
+        self.tls_readable()  # records that arrived with the handshake's last flight
+        early, self._early = self._early, []
+        for data in early:
+            self._encrypt(data)
+        if self._early_eof:
+            self.plain_eof()
+
+    # --- TLS to plaintext --------------------------------------------------------------------
+
+    def tls_readable(self) -> None:
+        tls = self.tls
+        plain = self.plain
+        if tls is None or plain is None or self.down_done or self._plain_paused or self._closed:
+            return
+        recv = tls.conn.recv
+        chunks: list[bytes] = []
+        size = 0
+        ended = False
+        while size < READ_SIZE:
+            try:
+                data = recv(RECORD_SIZE)
+            except SSL.WantReadError:
+                ended = tls.peer_fin
+                if ended:
+                    _log.info("peer closed without close_notify (truncation)", extra={"connection": self.label})
+                break
+            except SSL.ZeroReturnError:
+                ended = True
+                break
+            except SSL.Error as err:
+                self.abort(f"tls: {_ssl_reason(err)}")
+                return
+            chunks.append(data)
+            size += len(data)
+        if chunks:
+            self.from_tls += size
+            self._active = True
+            plain.writelines(chunks)  # may call plain_pause_writing
+        tls.flush()  # answers to post-handshake messages, if any
+        if ended:
+            self.down_done = True
+            if plain.can_write_eof():
+                plain.write_eof()
+            self._direction_done()
+        elif size >= READ_SIZE and not self._plain_paused:
+            asyncio.get_running_loop().call_soon(self.tls_readable)  # more may be in the BIO
+
+    def plain_pause_writing(self) -> None:
+        self._plain_paused = True
+        if self.tls is not None and self.tls.transport is not None:
+            self.tls.transport.pause_reading()
+
+    def plain_resume_writing(self) -> None:
+        self._plain_paused = False
+        if self.tls is not None and self.tls.transport is not None and not self._closed:
+            self.tls.transport.resume_reading()
+            self.tls_readable()
+
+    # --- plaintext to TLS --------------------------------------------------------------------
+
+    def plain_data(self, nbytes: int) -> None:
+        if self.tls is None:
+            # uvloop starts reading after connection_made even if it paused reading: keep the
+            # bytes for start() and pause again.
+            self._early.append(bytes(self.buffer[:nbytes]))
+            if self.plain is not None:
+                self.plain.pause_reading()
+            return
+        self._encrypt(self.buffer[:nbytes])
+
+    def _encrypt(self, view: memoryview | bytes) -> None:
+        tls = self.tls
+        assert tls is not None
+        send = tls.conn.send
+        nbytes = len(view)
+        try:
+            # pyOpenSSL turns on partial writes: SSL_write may take one record at a time.
+            while view:
+                view = view[send(view) :]
+        except SSL.Error as err:
+            self.abort(f"tls: {_ssl_reason(err)}")
+            return
+        self.to_tls += nbytes
+        self._active = True
+        tls.flush()
+
+    def plain_eof(self) -> None:
+        tls = self.tls
+        if tls is None:
+            self._early_eof = True
+            return
+        if self.up_done:
+            return
+        self.up_done = True
+        with contextlib.suppress(SSL.Error):  # a broken TLS side is closed below anyway
+            tls.conn.shutdown()  # close_notify
+        tls.flush()
+        if tls.transport is not None and not tls.transport.is_closing():
+            tls.transport.write_eof()
+        self._direction_done()
+
+    def tls_pause_writing(self) -> None:
+        if self.plain is not None:
+            self.plain.pause_reading()
+
+    def tls_resume_writing(self) -> None:
+        if self.plain is not None and not self._closed and not self.up_done:
+            self.plain.resume_reading()
+
+    # --- ends --------------------------------------------------------------------------------
+
+    def _direction_done(self) -> None:
+        if self.down_done and self.up_done:
+            self.close()
+        elif self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(self.timeouts.close, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self.abort(f"the other direction did not end within the close timeout ({self.timeouts.close:g} s)")
+
+    def _idle_check(self) -> None:
+        if self._closed:
+            return
+        if not self._active:
+            self.abort(f"idle for {self.timeouts.idle:g} s")
+            return
+        self._active = False
+        assert self.timeouts.idle is not None
+        self._idle_timer = asyncio.get_running_loop().call_later(self.timeouts.idle, self._idle_check)
+
+    def close(self) -> None:
+        """Close both sides after their buffers are flushed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_timers()
+        for transport in self._transports():
+            transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Drop both sides at once."""
+        if self._closed:
+            return
+        _log.info("connection aborted", extra={"connection": self.label, "reason": reason})
+        self._closed = True
+        self._cancel_timers()
+        for transport in self._transports():
+            transport.abort()
+
+    def side_lost(self, side: str, exc: Exception | None) -> None:
+        self._lost.add(side)
+        if not self._closed:
+            # One side is gone: let the other flush what it has, then close.
+            self.close()
+        if len(self._lost) == 2 or (side == "plain" and self.tls is None):
+            self._cancel_timers()
+            if self.tls is not None:
+                _log.info(
+                    "connection closed",
+                    extra={"connection": self.label, "bytes_from_tls": self.from_tls, "bytes_to_tls": self.to_tls},
+                )
+            on_done, self.on_done = self.on_done, None
+            if on_done is not None:
+                on_done(self)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+
+    def _transports(self) -> list[asyncio.Transport]:
+        transports = [self.plain] if self.plain is not None else []
+        if self.tls is not None and self.tls.transport is not None:
+            transports.append(self.tls.transport)
+        return transports
+
+
+def _ssl_reason(err: SSL.Error) -> str:
+    try:
+        return "; ".join(str(part[2]) for part in err.args[0]) or str(err)
+    except (IndexError, TypeError):
+        return str(err)
