@@ -14,7 +14,8 @@ What it measures, in one run:
 2. A server-mode proxy in a child process, on the default asyncio loop and on uvloop, between a
    stdlib TLS client and a discarding plaintext upstream (both in this process, in threads):
    - CPU-seconds of the proxy process per GiB sent client -> upstream over one connection
-     (and the wall-clock MB/s; the client is Python too, so it may be the bottleneck);
+     (decrypt, "in"), and upstream -> client (encrypt, "out"), with the wall-clock MB/s (the
+     client is Python too, so it may be the bottleneck);
    - new connections per second (sequential: handshake + one byte each way) and the proxy's
      CPU-ms per connection.
 The proxy's CPU is read from /proc/<pid>/stat (user + system) before and after each phase.
@@ -182,6 +183,14 @@ def discard_upstream() -> tuple[socket.socket, threading.Thread]:
     def drain(conn: socket.socket) -> None:
         buffer = bytearray(CHUNK)
         with conn:
+            first = conn.recv(9, socket.MSG_PEEK)
+            if first[:1] == b"R":  # "send me this many bytes": the out direction
+                header = conn.recv(9, socket.MSG_WAITALL)
+                left = int.from_bytes(header[1:], "big")
+                payload = memoryview(os.urandom(CHUNK))
+                while left > 0:
+                    left -= conn.send(payload[: min(left, CHUNK)])
+                conn.shutdown(socket.SHUT_WR)
             while True:
                 n = conn.recv_into(buffer)
                 if not n:
@@ -227,6 +236,20 @@ def measure(
             wall = time.perf_counter() - start
         time.sleep(0.2)
         relay_cpu = cpu_of(process.pid) - start_cpu
+        with socket.create_connection(("127.0.0.1", port)) as raw, client.wrap_socket(raw) as tls:
+            tls.sendall(b"R" + total.to_bytes(8, "big"))
+            buffer = bytearray(CHUNK)
+            received = tls.recv_into(buffer)  # the first bytes: the proxy is connected upstream
+            start_cpu, start = cpu_of(process.pid), time.perf_counter()
+            while True:
+                n = tls.recv_into(buffer)
+                if not n:
+                    break
+                received += n
+            out_wall = time.perf_counter() - start
+        time.sleep(0.2)
+        out_cpu = cpu_of(process.pid) - start_cpu
+        assert received == total, (received, total)
         start_cpu, start = cpu_of(process.pid), time.perf_counter()
         for _ in range(connections):
             with socket.create_connection(("127.0.0.1", port)) as raw, client.wrap_socket(raw) as tls:
@@ -235,7 +258,8 @@ def measure(
         rate_wall = time.perf_counter() - start
         conn_cpu = cpu_of(process.pid) - start_cpu
         return (
-            f"  {loop_name:<8} {relay_cpu / (sent / 1024**3):>14.2f} {sent / wall / 1e6:>8.0f}"
+            f"  {loop_name:<8} {relay_cpu / (sent / 1024**3):>9.2f} {sent / wall / 1e6:>7.0f}"
+            f" {out_cpu / (received / 1024**3):>9.2f} {received / out_wall / 1e6:>7.0f}"
             f" {connections / rate_wall:>10.0f} {conn_cpu / connections * 1000:>14.2f}"
         )
     finally:
@@ -269,7 +293,8 @@ def main() -> None:
         client = client_context(ca.mint("/client").svid(), BundleSet.of(ca.bundle()))
         listener, _ = discard_upstream()
         print(f"\nserver-mode proxy process, {args.gib:g} GiB over 1 connection, {args.connections} new connections:")
-        print(f"  {'loop':<8} {'CPU-s per GiB':>14} {'MB/s':>8} {'conn/s':>10} {'CPU-ms/conn':>14}")
+        print(f"  {'':<8} {'CPU-s/GiB':>9} {'MB/s':>7} {'CPU-s/GiB':>9} {'MB/s':>7}")
+        print(f"  {'loop':<8} {'in':>9} {'in':>7} {'out':>9} {'out':>7} {'conn/s':>10} {'CPU-ms/conn':>14}")
         for loop_name in ("asyncio", "uvloop"):
             print(
                 measure(

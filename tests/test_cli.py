@@ -43,7 +43,7 @@ def test_version(command: str) -> None:
     [
         ("spiffe-server", "the following arguments are required: COMMAND"),
         ("spiffe-agent", "the following arguments are required: COMMAND"),
-        ("spiffe-proxy", "under construction"),
+        ("spiffe-proxy", "the following arguments are required: --listen, --upstream"),
     ],
 )
 def test_without_a_command_it_says_so_and_fails(command: str, says: str) -> None:
@@ -57,7 +57,7 @@ def test_without_a_command_it_says_so_and_fails(command: str, says: str) -> None
     [
         ("spiffe-server", "run", "--no-such-flag"),
         ("spiffe-agent", "run", "--no-such-flag"),
-        ("spiffe-proxy", "--no-such-flag"),
+        ("spiffe-proxy", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--no-such-flag"),
     ],
 )
 def test_unknown_flags_are_errors(argv: tuple[str, ...]) -> None:

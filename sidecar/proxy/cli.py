@@ -1,22 +1,67 @@
-"""The ``spiffe-proxy`` command.
+"""The ``spiffe-proxy`` command line: flags to a :class:`~sidecar.proxy.app.ProxyConfig`, then run.
 
-The proxy (``--listen``, ``--upstream``, ``--allow-*`` ...) is not built yet; until it is, the
-command answers ``--help`` and ``--version`` and says so.
+The console script is :func:`sidecar.proxy_cli.main`, which hands :func:`main` the Workload API
+source (the proxy itself may not import the gRPC client). Exit codes: 0 after a graceful drain,
+2 for bad flags or configuration, 1 when the proxy cannot start or fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
+from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
+from typing import TextIO
+
+import uvloop
+
+from sidecar.proxy.address import Address
+from sidecar.proxy.app import OpenWorkloadSource, ProxyApp, ProxyConfig
+from sidecar.proxy.errors import ProxyConfigError
+from sidecar.proxy.policy import Policy
+from sidecar.proxy.relay import Timeouts
+from spiffecore import SpiffeError
+from spiffeops.logs import configure_logging
+from spiffeops.status import AddressError, parse_host_port
 
 DESCRIPTION = """\
 spiffe-proxy: an mTLS TCP proxy that puts SPIFFE identities and authorization by SPIFFE ID in
-front of services that know nothing of SPIFFE (server mode), or lets them call SPIFFE services
-(client mode), with certificates rotating under live traffic.
+front of services that know nothing of SPIFFE (server mode: TLS in, plaintext to --upstream),
+or lets them call SPIFFE services (client mode: plaintext in, mTLS to --upstream), with
+certificates rotating under live traffic.
 
-The proxy is not available in this release yet: it is under construction.
+The identity comes from the Workload API (--workload-api, or SPIFFE_ENDPOINT_SOCKET) or from
+PEM files (--cert, --key, --bundle; re-read when they change and on SIGHUP). At least one
+--allow-* rule is required. Prints one line when ready; SIGTERM or SIGINT drains and exits 0.
 """
+
+ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
+
+_log = logging.getLogger("spiffe-proxy")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,15 +69,109 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spiffe-proxy", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('spiffe-sidecar')}")
+    parser.add_argument("--listen", required=True, metavar="ADDR", help="host:port, [v6]:port or unix:/path")
+    parser.add_argument("--upstream", required=True, metavar="ADDR", help="host:port, [v6]:port or unix:/path")
+    parser.add_argument("--mode", choices=("server", "client"), default="server", help="default: server")
+    identity = parser.add_argument_group("identity (one source)")
+    identity.add_argument("--workload-api", metavar="URI", help=f"Workload API address (default: ${ENDPOINT_ENV})")
+    identity.add_argument("--cert", type=Path, metavar="FILE", help="PEM certificate chain, leaf first")
+    identity.add_argument("--key", type=Path, metavar="FILE", help="PEM private key")
+    identity.add_argument("--bundle", type=Path, metavar="FILE", help="PEM roots of the trust domain")
+    allow = parser.add_argument_group("authorization of the peer's SPIFFE ID (OR-ed, repeatable)")
+    allow.add_argument("--allow-id", action="append", default=[], metavar="ID")
+    allow.add_argument("--allow-trust-domain", action="append", default=[], metavar="TD")
+    allow.add_argument("--allow-pattern", action="append", default=[], metavar="P", help="* one segment, ** at end")
+    allow.add_argument("--allow-any-id", action="store_true", help="any ID of a trusted domain (explicit, alone)")
+    ops = parser.add_argument_group("operation")
+    ops.add_argument("--status", metavar="HOST:PORT", help="serve /healthz, /readyz and /metrics")
+    ops.add_argument("--max-conns", type=_count, default=0, metavar="N", help="0: no limit (default)")
+    ops.add_argument("--proxy-protocol", action="store_true", help="send a PROXY v2 header to the upstream")
+    ops.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="S", help="default: 10")
+    ops.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="S", help="default: 10")
+    ops.add_argument("--idle-timeout", type=_seconds, default=None, metavar="S", help="default: none")
+    ops.add_argument("--close-timeout", type=_seconds, default=60.0, metavar="S", help="default: 60")
+    ops.add_argument("--drain-timeout", type=_seconds, default=30.0, metavar="S", help="default: 30")
+    ops.add_argument("--unsafe-listen", action="store_true", help="allow a non-loopback plaintext listener")
+    ops.add_argument("--unsafe-upstream", action="store_true", help="allow a non-loopback plaintext upstream")
+    ops.add_argument("--log-format", choices=("json", "text"), default="json", help="default: json")
+    ops.add_argument("--log-level", default="info", metavar="L", help="default: info")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help(sys.stderr)
-    return 2
+def load_config(args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> ProxyConfig:
+    """The checked configuration; :class:`ProxyConfigError` for anything malformed or unsafe."""
+    status = None
+    if args.status is not None:
+        try:
+            status = parse_host_port(args.status)
+        except AddressError as err:
+            raise ProxyConfigError(f"bad --status address ({err})", args.status) from err
+    workload_api = args.workload_api
+    if workload_api is None and args.cert is None and args.key is None and args.bundle is None:
+        workload_api = environ.get(ENDPOINT_ENV)
+    try:
+        timeouts = Timeouts(
+            handshake=args.handshake_timeout,
+            connect=args.connect_timeout,
+            idle=args.idle_timeout,
+            close=args.close_timeout,
+        )
+    except ValueError as err:
+        raise ProxyConfigError(str(err)) from err
+    return ProxyConfig(
+        mode=args.mode,
+        listen=Address.parse(args.listen),
+        upstream=Address.parse(args.upstream),
+        policy=Policy.from_rules(
+            allow_id=args.allow_id,
+            allow_trust_domain=args.allow_trust_domain,
+            allow_pattern=args.allow_pattern,
+            allow_any_id=args.allow_any_id,
+        ),
+        workload_api=workload_api,
+        cert=args.cert,
+        key=args.key,
+        bundle=args.bundle,
+        status=status,
+        max_connections=args.max_conns,
+        proxy_protocol=args.proxy_protocol,
+        timeouts=timeouts,
+        drain_timeout=args.drain_timeout,
+        unsafe_listen=args.unsafe_listen,
+        unsafe_upstream=args.unsafe_upstream,
+    )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    open_workload_source: OpenWorkloadSource | None = None,
+    out: TextIO | None = None,
+) -> int:
+    args = build_parser().parse_args(argv)
+    stdout = out if out is not None else sys.stdout
+    try:
+        configure_logging(fmt=args.log_format, level=args.log_level)
+    except ValueError as err:
+        print(f"spiffe-proxy: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args, os.environ)
+        app = ProxyApp(config, open_workload_source=open_workload_source)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(app.run(announce=lambda line: print(line, file=stdout, flush=True)))
+    except ProxyConfigError as err:
+        print(f"spiffe-proxy: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except SpiffeError as err:  # no identity at start-up, an unreachable Workload API, ...
+        _log.error("spiffe-proxy cannot start", extra={"reason": str(err)})
+        return 1
+    except OSError as err:  # the listen address is taken, ...
+        _log.error("spiffe-proxy cannot start", extra={"reason": str(err)})
+        return 1
+    except Exception:  # the composition root: anything else is logged, then the process fails
+        logging.getLogger("spiffe-proxy").exception("spiffe-proxy failed")
+        return 1
+    return 0

@@ -15,7 +15,9 @@ import logging
 from sidecar.proxy.address import Address, check_plaintext
 from sidecar.proxy.errors import HandshakeError
 from sidecar.proxy.listener import Listener
+from sidecar.proxy.metrics import Direction, ProxyMetrics, Reason
 from sidecar.proxy.relay import PlainSide, Relay, Timeouts, TLSSide
+from sidecar.proxy.server import claimed_id, handshake_reason
 from sidecar.proxy.tls import ProxyTLS
 from spiffecore import SpiffeError
 
@@ -23,7 +25,10 @@ _log = logging.getLogger(__name__)
 
 
 class ProxyClient(Listener):
-    """Accepts plaintext on ``listen`` and relays it over mTLS to ``upstream``, a TCP address."""
+    """Accepts plaintext on ``listen`` and relays it over mTLS to ``upstream``, a TCP address.
+
+    ``metrics`` (optional) receives the connection, handshake, rejection and byte events.
+    """
 
     def __init__(
         self,
@@ -35,6 +40,7 @@ class ProxyClient(Listener):
         max_connections: int = 0,
         allow_unsafe_listen: bool = False,
         reuse_port: bool = False,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         if tls.server_side:
             raise ValueError("client mode needs a client-side ProxyTLS")
@@ -45,14 +51,26 @@ class ProxyClient(Listener):
         self.upstream = upstream
         self.tls = tls
         self.rejected = 0
+        self.metrics = metrics
         self._server_name = _server_name(upstream)
 
     def new_connection(self) -> asyncio.BaseProtocol:
         relay = Relay(timeouts=self.timeouts, label=str(self.upstream))
         self.track(relay)
-        relay.on_done = self.untrack
+        if self.metrics is not None:
+            self.metrics.connection_opened()
+        relay.on_done = self._done
         self.spawn(self._serve(relay))
         return PlainSide(relay)
+
+    def _done(self, relay: Relay) -> None:
+        if relay not in self._in_flight:
+            return  # already counted (given up before the relay started)
+        self.untrack(relay)
+        if self.metrics is not None:
+            self.metrics.add_bytes(Direction.TO_UPSTREAM, relay.to_tls)
+            self.metrics.add_bytes(Direction.TO_DOWNSTREAM, relay.from_tls)
+            self.metrics.connection_closed()
 
     def _abort(self, connection: object) -> None:
         assert isinstance(connection, Relay)
@@ -63,6 +81,8 @@ class ProxyClient(Listener):
         try:
             conn, check = self.tls.connection()
         except SpiffeError as err:
+            if self.metrics is not None:
+                self.metrics.rejected(Reason.OTHER)
             self._give_up(relay, "no identity", str(err))
             return
         if self._server_name is not None:
@@ -76,6 +96,8 @@ class ProxyClient(Listener):
                 else:
                     await loop.create_connection(lambda: side, self.upstream.host, self.upstream.port)
         except (OSError, TimeoutError) as err:
+            if self.metrics is not None:
+                self.metrics.upstream_connect_failed()
             self._give_up(
                 relay, "could not connect to the upstream", "timed out" if isinstance(err, TimeoutError) else str(err)
             )
@@ -84,8 +106,12 @@ class ProxyClient(Listener):
             verified = await side.handshake
         except HandshakeError as err:
             self.rejected += 1
-            self._give_up(relay, "upstream rejected", err.rule)
+            if self.metrics is not None:
+                self.metrics.handshake_failed(handshake_reason(err.rule))
+            self._give_up(relay, "upstream rejected", err.rule, spiffe_id=claimed_id(side.check))
             return
+        if self.metrics is not None:
+            self.metrics.handshake_ok()
         if relay.plain is None or relay.plain.is_closing():
             if side.transport is not None:
                 side.transport.abort()
@@ -95,12 +121,15 @@ class ProxyClient(Listener):
         _log.info("upstream connected", extra={"upstream": str(self.upstream), "spiffe_id": str(verified.id)})
         relay.start(side)
 
-    def _give_up(self, relay: Relay, what: str, reason: str) -> None:
-        _log.warning(what, extra={"upstream": str(self.upstream), "reason": reason})
+    def _give_up(self, relay: Relay, what: str, reason: str, *, spiffe_id: str = "") -> None:
+        extra = {"upstream": str(self.upstream), "reason": reason}
+        if spiffe_id:
+            extra["spiffe_id"] = spiffe_id
+        _log.warning(what, extra=extra)
         if relay.plain is not None:
             relay.plain.abort()
         else:
-            self.untrack(relay)
+            self._done(relay)
 
 
 def _server_name(upstream: Address) -> bytes | None:

@@ -7,13 +7,25 @@ tail of a stream that ends with close_notify and FIN while reading is paused.
 
 Per direction:
 
-- TLS to plaintext: ciphertext arrives in ``data_received``, goes into the BIO, and is decrypted
-  record by record (``recv``) into a list handed to one ``writelines`` (one vectored send on
-  uvloop). When the plaintext transport's buffer passes its high-water mark the TLS transport
-  stops reading; the records left in the BIO wait there, and are drained when it resumes.
-- Plaintext to TLS: a :class:`PlainSide` (``BufferedProtocol``) reads into one preallocated
-  256 KiB buffer per connection, ``SSL_write`` encrypts it into the BIO and the records go out in
-  one ``write``. A full TLS write buffer pauses the plaintext reader.
+- TLS to plaintext: the TLS transport reads ciphertext into a buffer shared by the thread
+  (``BufferedProtocol``), which goes into the BIO at once; ``SSL_read`` decrypts record after
+  record into one block of scratch memory (up to 256 KiB), handed to one ``write`` of the
+  plaintext transport. When the plaintext transport's buffer passes its high-water mark the TLS
+  transport stops reading; the records left in the BIO wait there, and are drained when it
+  resumes.
+- Plaintext to TLS: a :class:`PlainSide` (``BufferedProtocol``) reads into a 256 KiB buffer
+  shared by the thread, ``SSL_write`` encrypts it into the BIO record by record, and the records
+  go out in one ``write`` (read from the BIO into the scratch block). A full TLS write buffer
+  pauses the plaintext reader.
+
+Copies: OpenSSL is called through pyOpenSSL's cffi binding on these buffers (``tls.lib``), not
+through ``Connection.recv``/``send``/``bio_read``, which allocate a buffer and copy each record
+once more; with ``BufferedProtocol`` reads on the TLS side too (no 256 KiB ``bytes`` per read),
+this halved the relay's CPU per GiB (``bench/proxy_relay.py``). The read buffers and the scratch
+block are shared by every connection of a thread (:class:`Buffers`), not one per connection.
+The scratch block is handed to the transport when it holds at least ``HANDOFF_MIN`` bytes (a
+new block takes its place: a transport may keep what it was given queued); smaller outputs are
+copied out, so queued small writes never pin large blocks.
 
 Ends of stream: a close_notify, or a FIN (a truncation: logged, but forwarded like an end),
 ends the TLS-to-plaintext direction once every record before it has been written: the plaintext
@@ -29,23 +41,73 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from OpenSSL import SSL
 
 from sidecar.proxy.errors import HandshakeError
-from sidecar.proxy.tls import PeerCheck
+from sidecar.proxy.tls import PeerCheck, ffi, lib
 from spiffecore import VerifiedX509SVID
 
 READ_SIZE: Final = 256 * 1024
-"""Plaintext read buffer per connection, and the most decrypted per ``recv``."""
+"""The read buffers (ciphertext, plaintext), and the most plaintext decrypted per batch."""
 RECORD_SIZE: Final = 16 * 1024
-"""The most plaintext one TLS record carries: what one ``recv`` can return. Asking for more only
-makes pyOpenSSL allocate (and, past malloc's mmap threshold, map and unmap) a larger buffer."""
+"""The most plaintext one TLS record carries: what one ``SSL_read`` can return."""
 FLUSH_SIZE: Final = READ_SIZE + 64 * 1024
-"""Enough for the records of one full read buffer (16 KiB records and their overhead)."""
+"""The scratch block: the records of one full read buffer (16 KiB records and their overhead)."""
+HANDOFF_MIN: Final = 64 * 1024
+"""A scratch buffer holding at least this much is handed to a transport as it is (and replaced);
+less is copied out into ``bytes``, so a queue of small writes never pins 320 KiB blocks each."""
+
+_alloc: Final = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+class Buffers:
+    """The memory every connection of one thread (one event loop) shares.
+
+    - ``tls_in``: ciphertext; a TLS transport reads into it (``BufferedProtocol``) and
+      ``buffer_updated`` writes it into the connection's BIO before returning.
+    - ``plain_in``: plaintext; a plaintext transport reads into it and ``plain_data`` encrypts it
+      (or, before the relay starts, copies it) before returning.
+    - ``block``: uninitialised memory OpenSSL writes decrypted records, or records to send, into;
+      filled and emptied (:meth:`take`) within one callback.
+
+    Sharing is safe only because a loop runs every callback in its own thread, one at a time:
+    hence one set per thread (:func:`buffers`), never one per process.
+    """
+
+    __slots__ = ("block", "plain_in", "tls_in", "tls_in_ptr")
+
+    def __init__(self) -> None:
+        tls_in = bytearray(READ_SIZE)
+        self.tls_in = memoryview(tls_in)
+        self.tls_in_ptr: Any = ffi.from_buffer(tls_in)
+        self.plain_in = memoryview(bytearray(READ_SIZE))
+        self.block: Any = _alloc("char[]", FLUSH_SIZE)
+
+    def take(self, size: int) -> bytes | memoryview:
+        """The block's first ``size`` bytes, for a transport's ``write``: handed over or copied (small)."""
+        if size < HANDOFF_MIN:
+            return ffi.buffer(self.block, size)[:]  # type: ignore[no-any-return]
+        view = memoryview(ffi.buffer(self.block, size))  # keeps the block alive while queued
+        self.block = _alloc("char[]", FLUSH_SIZE)
+        return view
+
+
+_per_thread = threading.local()
+
+
+def buffers() -> Buffers:
+    """This thread's :class:`Buffers`."""
+    try:
+        return cast(Buffers, _per_thread.buffers)
+    except AttributeError:
+        _per_thread.buffers = mine = Buffers()
+        return mine
+
 
 _log = logging.getLogger(__name__)
 
@@ -67,11 +129,22 @@ class Timeouts:
             raise ValueError(f"idle timeout must be positive or None, not {self.idle}")
 
 
-class TLSSide(asyncio.Protocol):
-    """The TLS end of a connection: drives the handshake, then hands records to its :class:`Relay`."""
+class TLSSide(asyncio.BufferedProtocol):
+    """The TLS end of a connection: drives the handshake, then hands records to its :class:`Relay`.
+
+    Ciphertext is read into the thread's shared buffer and written into the connection's BIO at once;
+    records are decrypted and encrypted with ``SSL_read``/``SSL_write`` into and out of reused
+    memory (pyOpenSSL's ``recv``/``bio_read`` would allocate and copy every record once more).
+    """
 
     def __init__(self, conn: SSL.Connection, check: PeerCheck, *, handshake_timeout: float) -> None:
         self.conn = conn
+        # pyOpenSSL internals (checked by tests/sidecar/proxy/test_relay_bytes.py): the SSL
+        # object and its two memory BIOs.
+        self.ssl: Any = conn._ssl
+        self.bio_in: Any = conn._into_ssl
+        self.bio_out: Any = conn._from_ssl
+        self.buffers = buffers()  # created in the loop's thread, like every callback
         self.check = check
         self.transport: asyncio.Transport | None = None
         self.relay: Relay | None = None
@@ -88,11 +161,12 @@ class TLSSide(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self._timed_out)
         self._do_handshake()  # a client sends its ClientHello; a server just waits for one
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.conn.bio_write(data)
-        except SSL.Error as err:  # pragma: no cover - the BIO grows as needed
-            self._fail(f"tls: could not buffer records ({err})")
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffers.tls_in
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if lib.BIO_write(self.bio_in, self.buffers.tls_in_ptr, nbytes) != nbytes:  # pragma: no cover - the BIO grows
+            self._fail("tls: could not buffer records")
             return
         relay = self.relay
         if relay is not None:
@@ -137,12 +211,21 @@ class TLSSide(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        bio_read = self.conn.bio_read
+        bio_read = lib.BIO_read
+        out = self.bio_out
+        scratch = self.buffers
         while True:
-            try:
-                transport.write(bio_read(FLUSH_SIZE))
-            except SSL.WantReadError:
+            size = bio_read(out, scratch.block, FLUSH_SIZE)
+            if size <= 0:  # empty
                 return
+            transport.write(scratch.take(size))
+            if size < FLUSH_SIZE:
+                return
+
+    def raise_error(self, result: int) -> None:
+        """Raise what OpenSSL's ``SSL_read``/``SSL_write`` returning ``result`` (<= 0) means."""
+        self.conn._raise_ssl_error(self.ssl, result)
+        raise SSL.WantReadError  # SSL_ERROR_NONE: nothing to read now
 
     def _do_handshake(self) -> None:
         try:
@@ -242,7 +325,7 @@ class Relay:
         self.on_done = on_done
         self.tls: TLSSide | None = None
         self.plain: asyncio.Transport | None = None
-        self.buffer = memoryview(bytearray(READ_SIZE))
+        self.buffer = buffers().plain_in  # shared by the thread: emptied by plain_data before the next read
         self.from_tls = 0
         self.to_tls = 0
         self.down_done = False
@@ -280,30 +363,34 @@ class Relay:
         plain = self.plain
         if tls is None or plain is None or self.down_done or self._plain_paused or self._closed:
             return
-        recv = tls.conn.recv
-        chunks: list[bytes] = []
+        ssl = tls.ssl
+        ssl_read = lib.SSL_read
+        scratch = tls.buffers
+        block = scratch.block
         size = 0
         ended = False
+        result = 1
         while size < READ_SIZE:
+            result = ssl_read(ssl, block + size, READ_SIZE - size)  # at most one record
+            if result <= 0:
+                break
+            size += result
+        if result <= 0:
             try:
-                data = recv(RECORD_SIZE)
+                tls.raise_error(result)
             except SSL.WantReadError:
                 ended = tls.peer_fin
                 if ended:
                     _log.info("peer closed without close_notify (truncation)", extra={"connection": self.label})
-                break
             except SSL.ZeroReturnError:
                 ended = True
-                break
             except SSL.Error as err:
                 self.abort(f"tls: {_ssl_reason(err)}")
                 return
-            chunks.append(data)
-            size += len(data)
-        if chunks:
+        if size:
             self.from_tls += size
             self._active = True
-            plain.writelines(chunks)  # may call plain_pause_writing
+            plain.write(scratch.take(size))  # may call plain_pause_writing
         tls.flush()  # answers to post-handshake messages, if any
         if ended:
             self.down_done = True
@@ -339,15 +426,21 @@ class Relay:
     def _encrypt(self, view: memoryview | bytes) -> None:
         tls = self.tls
         assert tls is not None
-        send = tls.conn.send
+        ssl = tls.ssl
+        ssl_write = lib.SSL_write
         nbytes = len(view)
-        try:
-            # pyOpenSSL turns on partial writes: SSL_write may take one record at a time.
-            while view:
-                view = view[send(view) :]
-        except SSL.Error as err:
-            self.abort(f"tls: {_ssl_reason(err)}")
-            return
+        done = 0
+        with ffi.from_buffer(view) as data:
+            # pyOpenSSL turns on partial writes: SSL_write takes one record at a time.
+            while done < nbytes:
+                result = ssl_write(ssl, data + done, nbytes - done)
+                if result <= 0:
+                    try:
+                        tls.raise_error(result)
+                    except SSL.Error as err:
+                        self.abort(f"tls: {_ssl_reason(err)}")
+                        return
+                done += result
         self.to_tls += nbytes
         self._active = True
         tls.flush()

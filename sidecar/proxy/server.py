@@ -11,16 +11,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import cast
 
 from sidecar.proxy.address import Address, check_plaintext
 from sidecar.proxy.errors import HandshakeError
 from sidecar.proxy.listener import Listener
+from sidecar.proxy.metrics import Direction, ProxyMetrics, Reason
+from sidecar.proxy.proxyproto import ProxyProtocolError, connection_tlvs, encode
 from sidecar.proxy.relay import PlainSide, Relay, Timeouts, TLSSide
-from sidecar.proxy.tls import ProxyTLS
-from spiffecore import SpiffeError
+from sidecar.proxy.tls import NO_CERTIFICATE, PeerCheck, ProxyTLS
+from spiffecore import SpiffeError, SpiffeID, id_from_cert
 
 _log = logging.getLogger(__name__)
+
+
+def handshake_reason(rule: str) -> Reason:
+    """The metrics label of a failed handshake, from the reason :class:`TLSSide` gives."""
+    if rule.startswith("handshake timed out"):
+        return Reason.HANDSHAKE_TIMEOUT
+    if rule == NO_CERTIFICATE:
+        return Reason.NO_CLIENT_CERT
+    if "expired" in rule:
+        return Reason.EXPIRED
+    if "is not allowed" in rule:
+        return Reason.NOT_ALLOWED
+    if rule.startswith(("x509", "x509svid", "bundle")) or "verif" in rule or "certificate" in rule:
+        return Reason.UNTRUSTED
+    if rule.startswith("tls:") or "handshake" in rule:
+        return Reason.PROTOCOL_ERROR
+    return Reason.OTHER
+
+
+def claimed_id(check: PeerCheck) -> str:
+    """The SPIFFE ID the peer's leaf claims (verified or not), or "" when there is none."""
+    leaf = check.chain.get(0)
+    if leaf is None:
+        return ""
+    try:
+        return str(id_from_cert(leaf.to_cryptography()))
+    except SpiffeError:
+        return ""
 
 
 class _NotReady(asyncio.Protocol):
@@ -37,6 +68,9 @@ class ProxyServer(Listener):
 
     ``tls`` must be server-side (:class:`ProxyTLS` with ``server_side=True``); its authorizer
     is the policy. The upstream must be a unix socket or loopback unless ``allow_unsafe_upstream``.
+    ``metrics`` (optional) receives the connection, handshake, rejection and byte events;
+    ``proxy_protocol`` sends a PROXY protocol v2 header to the upstream first, with the client's
+    address and its SPIFFE ID as a TLV.
     """
 
     def __init__(
@@ -49,6 +83,8 @@ class ProxyServer(Listener):
         max_connections: int = 0,
         allow_unsafe_upstream: bool = False,
         reuse_port: bool = False,
+        metrics: ProxyMetrics | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         if not tls.server_side:
             raise ValueError("server mode needs a server-side ProxyTLS")
@@ -59,17 +95,28 @@ class ProxyServer(Listener):
         self.upstream = upstream
         self.tls = tls
         self.rejected = 0
+        self.metrics = metrics
+        self.proxy_protocol = proxy_protocol
 
     def new_connection(self) -> asyncio.BaseProtocol:
         try:
             conn, check = self.tls.connection()
         except SpiffeError as err:
+            if self.metrics is not None:
+                self.metrics.rejected(Reason.OTHER)
             return _NotReady(str(err))
         side = TLSSide(conn, check, handshake_timeout=self.timeouts.handshake)
         self.track(side)
-        side.on_lost = self.untrack
+        if self.metrics is not None:
+            self.metrics.connection_opened()
+        side.on_lost = self._lost
         self.spawn(self._serve(side))
         return side
+
+    def _lost(self, side: TLSSide) -> None:
+        self.untrack(side)
+        if self.metrics is not None:
+            self.metrics.connection_closed()
 
     def _abort(self, connection: object) -> None:
         assert isinstance(connection, TLSSide)
@@ -83,10 +130,19 @@ class ProxyServer(Listener):
             verified = await side.handshake
         except HandshakeError as err:
             self.rejected += 1
-            _log.warning("connection rejected", extra={"peer_address": _peer(side), "reason": err.rule})
+            if self.metrics is not None:
+                self.metrics.handshake_failed(handshake_reason(err.rule))
+            _log.warning(
+                "connection rejected",
+                extra={"peer_address": _peer(side), "spiffe_id": claimed_id(side.check), "reason": err.rule},
+            )
             return
+        if self.metrics is not None:
+            self.metrics.handshake_ok()
         peer = str(verified.id)
         relay = Relay(timeouts=self.timeouts, label=f"{_peer(side)} {peer}")
+        if self.metrics is not None:
+            relay.on_done = _count_bytes(self.metrics)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeouts.connect):
@@ -96,6 +152,8 @@ class ProxyServer(Listener):
                     await loop.create_connection(lambda: PlainSide(relay), self.upstream.host, self.upstream.port)
         except (OSError, TimeoutError) as err:
             reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+            if self.metrics is not None:
+                self.metrics.upstream_connect_failed()
             _log.error(
                 "could not connect to the upstream",
                 extra={
@@ -112,7 +170,34 @@ class ProxyServer(Listener):
         if side.transport is None or side.transport.is_closing():
             relay.abort("peer left before the upstream connected")
             return
+        if self.proxy_protocol and relay.plain is not None:
+            relay.plain.write(proxy_header(side, verified.id))
         relay.start(side)
+
+
+def proxy_header(side: TLSSide, peer_id: SpiffeID) -> bytes:
+    """The PROXY protocol v2 header for an accepted connection: the client's address and the
+    listener's, the TLS version and cipher, and the peer's SPIFFE ID as a TLV."""
+    tlvs = connection_tlvs(
+        peer_id=peer_id, tls_version=side.conn.get_protocol_version_name(), cipher=side.conn.get_cipher_name() or ""
+    )
+    transport = side.transport
+    source = transport.get_extra_info("peername") if transport is not None else None
+    destination = transport.get_extra_info("sockname") if transport is not None else None
+    try:
+        if isinstance(source, tuple) and isinstance(destination, tuple):
+            return encode(source, destination, tlvs=tlvs)
+    except ProxyProtocolError:
+        pass
+    return encode(None, None, tlvs=tlvs)  # a unix listener, or an address that cannot be encoded: LOCAL
+
+
+def _count_bytes(metrics: ProxyMetrics) -> Callable[[Relay], None]:
+    def done(relay: Relay) -> None:
+        metrics.add_bytes(Direction.TO_UPSTREAM, relay.from_tls)
+        metrics.add_bytes(Direction.TO_DOWNSTREAM, relay.to_tls)
+
+    return done
 
 
 def _peer(side: TLSSide) -> str:

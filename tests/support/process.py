@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -29,14 +29,23 @@ class Started:
     stderr: IO[bytes]
 
 
-def start_until_ready(argv: Sequence[str], *, logs: Path, name: str, ready: re.Pattern[str], timeout: float) -> Started:
-    """Start ``argv``; return once it printed one line matching ``ready``, or fail the test."""
+def start_until_ready(
+    argv: Sequence[str],
+    *,
+    logs: Path,
+    name: str,
+    ready: re.Pattern[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> Started:
+    """Start ``argv`` (in ``env``, or this process's environment); return once it printed one line
+    matching ``ready``, or fail the test."""
     stamp = time.monotonic_ns()
     stdout_path = logs / f"stdout-{stamp}.txt"
     stderr_path = logs / f"stderr-{stamp}.txt"
     stdout = stdout_path.open("wb")
     stderr = stderr_path.open("wb")
-    process = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr)  # noqa: S603 - our own console scripts
+    process = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, env=env)  # noqa: S603 - our own console scripts
 
     def fail(reason: str, text: str) -> AssertionError:
         if process.poll() is None:
