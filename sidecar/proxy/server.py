@@ -30,7 +30,8 @@ def handshake_reason(rule: str) -> Reason:
     """The metrics label of a failed handshake, from the reason :class:`TLSSide` gives."""
     if rule.startswith("handshake timed out"):
         return Reason.HANDSHAKE_TIMEOUT
-    if rule == NO_CERTIFICATE:
+    # Ours, or OpenSSL's own when it refuses the handshake before the proxy looks at the peer.
+    if rule == NO_CERTIFICATE or "did not return a certificate" in rule:
         return Reason.NO_CLIENT_CERT
     if "expired" in rule:
         return Reason.EXPIRED
