@@ -10,7 +10,9 @@ agent, gives the same answer, and the schedule needs no state. An SVID that has 
 
 **Backoff.** Retries against the control plane wait with "full jitter" exponential backoff:
 attempt ``n`` (from 0) waits a uniform random time in ``[0, min(cap, base * 2**n)]``, with
-``base`` 0.5 s and ``cap`` 30 s by default. The random generator is passed in.
+``base`` 0.5 s and ``cap`` 10 s by default: the agent has one control plane to reach, and
+after an outage rotation should resume within seconds (SPIRE's agent re-syncs every 5 s); full
+jitter still spreads a fleet's reconnections. The random generator is passed in.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ ROTATION_LOW: Final = 0.4
 ROTATION_HIGH: Final = 0.6
 """The latest rotation point, as a fraction of the lifetime (half plus a tenth); never reached."""
 BACKOFF_BASE: Final = 0.5
-BACKOFF_CAP: Final = 30.0
+BACKOFF_CAP: Final = 10.0
 
 _HASH_SCALE: Final = float(1 << 64)
 
