@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from sqlalchemy import ColumnElement, Connection, Engine, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from controlplane.model import AttestedAgent, JoinToken, RegistrationEntry, Selector
 from controlplane.store import codec
@@ -89,6 +90,9 @@ class EntryEvent:
     entry: RegistrationEntry | None
 
 
+_MIGRATION_ATTEMPTS: Final = 20
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
 class StoreVersion:
     """Where the store's entries and bundle are: the last entry revision and the bundle sequence."""
@@ -142,12 +146,22 @@ class Store:
         return store
 
     def _check_schema(self, *, migrate: bool) -> None:
-        try:
-            if migrate:
-                migrations.upgrade(self._engine)
-            found = migrations.current_revision(self._engine)
-        except SQLAlchemyError as err:
-            raise _database_error("migrate the database schema", err) from err
+        for attempt in range(_MIGRATION_ATTEMPTS):
+            try:
+                if migrate:
+                    migrations.upgrade(self._engine)
+                found = migrations.current_revision(self._engine)
+                break
+            except OperationalError as err:
+                # SQLite answers some lock conflicts at once instead of waiting out the busy timeout
+                # (a fresh file switching to WAL while another server does; a read upgrading to a
+                # write). Migrations are idempotent, so servers starting together just try again.
+                locked = self.dialect == "sqlite" and "database is locked" in str(err)
+                if not locked or attempt + 1 == _MIGRATION_ATTEMPTS:
+                    raise _database_error("migrate the database schema", err) from err
+                time.sleep(0.05 * (attempt + 1))
+            except SQLAlchemyError as err:
+                raise _database_error("migrate the database schema", err) from err
         wanted = migrations.head_revision()
         if found != wanted:
             raise StoreError(f"database schema is at revision {found}, this server needs {wanted}; migrate it")
