@@ -16,6 +16,7 @@ For a source that keeps the latest X.509 context::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
@@ -208,16 +209,10 @@ class WorkloadAPIClient:
 
 async def _first(call: grpc.aio.UnaryStreamCall[T, R], parse: Callable[[R], V]) -> V:
     """Parse the first message of a stream, then cancel the stream."""
-    try:
-        async for response in call:
-            return parse(response)
-        raise await _ended(call)
-    except grpc.aio.AioRpcError as err:
-        raise _rpc_error(err) from err
-    except convert.MalformedResponseError as err:
-        raise _malformed(err) from err
-    finally:
-        call.cancel()
+    async with contextlib.aclosing(_each(call, parse)) as values:
+        async for value in values:
+            return value
+    raise AssertionError("unreachable: _each raises when the stream ends without a message")
 
 
 async def _each(call: grpc.aio.UnaryStreamCall[T, R], parse: Callable[[R], V]) -> AsyncGenerator[V, None]:
