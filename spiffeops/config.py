@@ -19,7 +19,8 @@ Every unknown key is an error that names the key and its line; every value of th
 error that names the key path (``server.bind``), the line and the type expected. Field types:
 ``str``, ``int``, ``float`` (an int is accepted), ``bool`` (only ``true``/``false``; YAML 1.1's
 ``yes``/``no``/``on``/``off`` are strings here), ``Path``, ``Enum`` (by value) and ``Literal``,
-``tuple[X, ...]`` (from a list), ``X | None``, nested dataclasses, and :data:`Duration` (a
+``tuple[X, ...]`` (from a list), ``dict[str, X]`` (from a mapping whose keys the user names, such
+as clusters or trust domains), ``X | None``, nested dataclasses, and :data:`Duration` (a
 ``timedelta`` written as whole seconds or a string like ``"90s"``, ``"5m"``, ``"1h30m"``, ``"7d"``).
 A key with no value (``server:`` whose lines are all commented out) means an empty section or an
 empty list. A dataclass's ``__post_init__`` may raise ``ValueError``; it becomes a
@@ -294,6 +295,11 @@ def _check_type(tp: object, where: str, seen: set[type[Any]]) -> None:
         if len(args) == 2 and args[1] is Ellipsis:
             _check_type(args[0], where, seen)
             return
+    if origin is dict:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[0] is str:
+            _check_type(args[1], where, seen)
+            return
     inner = _optional_inner(tp)
     if inner is not None:
         _check_type(inner, where, seen)
@@ -412,6 +418,16 @@ class _Converter:
                 self.convert(item, item_type, f"{path}[{index}]", secret=secret)
                 for index, item in enumerate(node.items)
             )
+        if typing.get_origin(tp) is dict:
+            (_, value_type) = typing.get_args(tp)
+            if isinstance(node, _Scalar) and node.value is None:
+                return {}
+            if not isinstance(node, _Map):
+                raise _MismatchError
+            return {
+                key: self.convert(item, value_type, _join(path, key), secret=secret)
+                for key, item in node.entries.items()
+            }
         if not isinstance(node, _Scalar):
             raise _MismatchError
         return self._scalar(node, tp, path)
