@@ -20,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from sidecar.agent.config import DEFAULT_DATA_DIR, DEFAULT_SERVER, DEFAULT_SOCKET, AgentConfig
+from sidecar.agent.config import DEFAULT_DATA_DIR, DEFAULT_ISTIO_SOCKET, DEFAULT_SERVER, DEFAULT_SOCKET, AgentConfig
 from sidecar.helper.config import HelperConfig, split_command
 from sidecar.helper.files import write_x509_files
 from sidecar.workload.client import WorkloadAPIClient, WorkloadAPIError
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, metavar="DIR", help=f"where the agent keeps its identity (default {DEFAULT_DATA_DIR})"
     )
     run.add_argument("--socket", type=Path, metavar="PATH", help=f"the public socket (default {DEFAULT_SOCKET})")
+    run.add_argument(
+        "--istio-socket",
+        type=Path,
+        metavar="PATH",
+        help=f"also serve Istio's proxies here, with Istio's SDS names (Istio's path: {DEFAULT_ISTIO_SOCKET})",
+    )
     run.add_argument("--status", metavar="HOST:PORT", help="serve /healthz, /readyz and /metrics here")
     run.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
@@ -139,7 +145,9 @@ _FLAGS: Final = (
 
 
 def load_agent_config(args: argparse.Namespace) -> AgentConfig:
-    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
+    overrides: dict[str, object] = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
+    if args.istio_socket is not None:
+        overrides.update({"istio.enabled": True, "istio.socket": args.istio_socket})
     if args.config is not None:
         return load_config(args.config, AgentConfig, overrides=overrides)
     if "trust_domain" not in overrides:

@@ -3,7 +3,9 @@
 Start-up order: load the agent's persisted identity or attest (a join token is needed only the
 first time), start the sync session (entry watch, batch signing, rotation), start the private
 gRPC server with the Workload API on an abstract unix address, then open the public socket: its
-front door attests each caller by its process and relays to the private server. Readiness turns
+front door attests each caller by its process and relays to the private server (with
+``istio.enabled``, a second socket at Istio's path serves the same with Istio's SDS names:
+:mod:`sidecar.agent.istio`). Readiness turns
 true when the first snapshot has arrived and every workload entry has an SVID; one line on stdout
 says when the socket is open. SIGTERM or SIGINT closes the socket, lets calls in flight finish,
 then stops the session.
@@ -20,13 +22,16 @@ from typing import Final
 import grpc
 from prometheus_client import CollectorRegistry, Gauge
 
+from sidecar.agent import istio
+from sidecar.agent.attestors.base import WorkloadAttestor
 from sidecar.agent.attestors.unix import UnixAttestor, UnixAttestorConfig
 from sidecar.agent.config import AgentConfig, SDSSection
 from sidecar.agent.node import AgentNode, NodeSettings, load_or_attest
 from sidecar.agent.peer import FrontDoor, grpc_backend_address
 from sidecar.agent.sync import AgentSync
 from sidecar.sds.resources import SDSConfig
-from sidecar.sds.service import SecretDiscoveryService, add_to_server
+from sidecar.sds.service import CallerOf, SecretDiscoveryService, add_to_server
+from sidecar.workload.identities import IdentityProvider
 from sidecar.workload.service import WorkloadAPIService
 from spiffeops.lifecycle import wait_for_shutdown_signal
 from spiffeops.status import StatusServer, parse_host_port
@@ -47,6 +52,20 @@ def sds_config(section: SDSSection) -> SDSConfig:
         all_bundles_name=section.all_bundles_name,
         disable_spiffe_validation=section.disable_spiffe_cert_validation,
     )
+
+
+def add_public_api(
+    server: grpc.aio.Server,
+    caller_of: CallerOf,
+    identities: IdentityProvider,
+    attestor: WorkloadAttestor,
+    sds: SDSConfig,
+) -> None:
+    """The Workload API and SDS (with the names ``sds``) on the private server behind one public socket."""
+    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(
+        WorkloadAPIService(identities, caller_of, attestor), server
+    )
+    add_to_server(SecretDiscoveryService(identities, caller_of, attestor, config=sds), server)
 
 
 class Agent:
@@ -109,16 +128,19 @@ class Agent:
                         workload_size_limit=config.workload_attestors.unix.workload_size_limit,
                     )
                 )
-                workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(
-                    WorkloadAPIService(sync.cache, front_door.caller_of, attestor), server
-                )
-                add_to_server(
-                    SecretDiscoveryService(sync.cache, front_door.caller_of, attestor, config=sds_config(config.sds)),
-                    server,
-                )
+                add_public_api(server, front_door.caller_of, sync.cache, attestor, sds_config(config.sds))
                 server.add_insecure_port(backend)
                 await server.start()
-                async with front_door:
+                async with front_door, contextlib.AsyncExitStack() as sockets:
+                    if config.istio.enabled:  # opened before the ready line, closed before the main socket
+                        await sockets.enter_async_context(
+                            istio.serving(
+                                config.istio.socket,
+                                lambda istio_server, door: add_public_api(
+                                    istio_server, door.caller_of, sync.cache, attestor, istio.ISTIO_SDS
+                                ),
+                            )
+                        )
                     self._front_door = front_door
                     log.info(
                         "agent socket open", extra={"socket": str(config.socket), "agent_id": str(identity.svid.id)}

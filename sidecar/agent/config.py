@@ -17,6 +17,9 @@ from spiffecore import SpiffeIDError, TrustDomain
 DEFAULT_DATA_DIR: Final = Path(".spiffe-agent")
 DEFAULT_SOCKET: Final = Path("/tmp/spiffe-agent/public/api.sock")  # noqa: S108 - the documented default
 DEFAULT_SERVER: Final = "127.0.0.1:8081"
+# Istio's path for a workload identity SDS server (pilot-agent looks there; the file name is its
+# WORKLOAD_IDENTITY_SOCKET_FILE, default "socket").
+DEFAULT_ISTIO_SOCKET: Final = Path("/var/run/secrets/workload-spiffe-uds/socket")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +75,18 @@ class SDSSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class IstioSection:
+    """A second public socket for Istio's proxies, with Istio's SDS names (:mod:`sidecar.agent.istio`).
+
+    ``default`` is the caller's SVID and ``ROOTCA`` every bundle it may see, federated ones
+    included, as Envoy's SPIFFE certificate validator; the main socket keeps the ``sds:`` names.
+    """
+
+    enabled: bool = False
+    socket: Path = DEFAULT_ISTIO_SOCKET
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     trust_domain: str
     server: str = DEFAULT_SERVER
@@ -87,6 +102,7 @@ class AgentConfig:
     log_level: str = "info"
     workload_attestors: WorkloadAttestorsSection = field(default_factory=WorkloadAttestorsSection)
     sds: SDSSection = field(default_factory=SDSSection)
+    istio: IstioSection = field(default_factory=IstioSection)
 
     def __post_init__(self) -> None:
         try:
@@ -97,6 +113,8 @@ class AgentConfig:
             raise ValueError("trust_bundle and insecure_bootstrap exclude each other: choose one")
         if self.join_token is not None and self.x509pop.cert is not None:
             raise ValueError("join_token and x509pop exclude each other: choose one node attestor")
+        if self.istio.enabled and self.istio.socket == self.socket:
+            raise ValueError(f"istio.socket must differ from socket: both are {str(self.socket)!r}")
 
     @property
     def trust_domain_value(self) -> TrustDomain:
