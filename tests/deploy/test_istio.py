@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import grpc
 import pytest
+import yaml
 from envoy.service.discovery.v3 import discovery_pb2  # type: ignore[import-untyped]
 from envoy.service.secret.v3 import sds_pb2_grpc  # type: ignore[import-untyped]
 
@@ -38,6 +39,7 @@ from sidecar.cli import build_parser, load_agent_config
 from sidecar.sds.service import SecretDiscoveryService, add_to_server
 from spiffecore import TrustDomain
 from spiffeops.config import ConfigError
+from tests.deploy.support import ENVOY_DIR, load_renderer
 from tests.deploy.test_envoy_e2e import EchoXFCC, http_get, is_live, mtls_attempt
 from tests.sidecar.workload.support import CallerBox, FakeIdentities, StaticAttestor
 from tests.support.agent import (
@@ -58,6 +60,8 @@ FRONTEND: Final = f"spiffe://{TD}/ns/shop/sa/frontend"
 BACKEND: Final = f"spiffe://{TD}/ns/shop/sa/backend"
 PROBE: Final = f"spiffe://{TD}/ns/test/sa/probe"
 SPIFFE_VALIDATOR: Final = "envoy.tls.cert_validator.spiffe"
+
+render = load_renderer()
 
 
 # --- Istio-shaped bootstraps ----------------------------------------------------------------------
@@ -353,6 +357,24 @@ async def test_istio_proxies_get_default_and_rootca_from_the_istio_socket(node: 
         assert status == 200, body
         fields = xfcc(body)
         assert (fields["By"], fields["URI"]) == (BACKEND, FRONTEND)
+
+        # Our own outbound template (deploy/envoy) works against the Istio socket as well.
+        text = render.render(
+            (ENVOY_DIR / "outbound.yaml.tmpl").read_text(),
+            {
+                "AGENT_SOCKET": str(node.istio_socket),
+                "ADMIN_PORT": "0",
+                "LISTEN_PORT": "0",
+                "UPSTREAM_ADDRESS": "127.0.0.1",
+                "UPSTREAM_PORT": str(inbound_port),
+                "UPSTREAM_SPIFFE_ID": BACKEND,
+            },
+        )
+        templated = await start_istio_envoy("templated", yaml.safe_load(text), node.workdir, node.binaries["frontend"])
+        envoys.append(templated)
+        status, body = await http_get(templated.listener_port("outbound_http"))
+        assert status == 200, body
+        assert xfcc(body)["URI"] == FRONTEND
 
         # A peer whose trust domain the mesh does not know is refused.
         stranger = TestCA.create("other.org").mint("/ns/x/sa/y").svid()
