@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Gauge
 
 from sidecar.agent import istio
+from sidecar.agent.attestors import CombinedAttestor
 from sidecar.agent.attestors.base import WorkloadAttestor
+from sidecar.agent.attestors.k8s import K8sAttestor, node_name_from
 from sidecar.agent.attestors.unix import UnixAttestor, UnixAttestorConfig
-from sidecar.agent.config import AgentConfig, SDSSection
+from sidecar.agent.config import AgentConfig, SDSSection, WorkloadAttestorsSection
 from sidecar.agent.node import AgentNode, NodeSettings, load_or_attest
 from sidecar.agent.peer import FrontDoor, grpc_backend_address
 from sidecar.agent.sync import AgentSync
@@ -52,6 +56,26 @@ def sds_config(section: SDSSection) -> SDSConfig:
         all_bundles_name=section.all_bundles_name,
         disable_spiffe_validation=section.disable_spiffe_cert_validation,
     )
+
+
+def workload_attestor(section: WorkloadAttestorsSection, environ: Mapping[str, str]) -> WorkloadAttestor:
+    """The attestors ``agent.yaml``'s ``workload_attestors:`` enables, as one: unix always, then k8s."""
+    unix = UnixAttestor(
+        UnixAttestorConfig(
+            discover_workload_path=section.unix.discover_workload_path,
+            workload_size_limit=section.unix.workload_size_limit,
+        )
+    )
+    if not section.k8s.enabled:
+        return unix
+    k8s_config = section.k8s.attestor_config()
+    node_name = node_name_from(k8s_config.node_name, environ)
+    k8s = K8sAttestor(dataclasses.replace(k8s_config, node_name=node_name))
+    log.info(
+        "k8s workload attestor enabled",
+        extra={"pods_url": k8s_config.pods_url, "node_name": node_name, "proc_root": str(k8s_config.proc_root)},
+    )
+    return CombinedAttestor((unix, k8s))
 
 
 def add_public_api(
@@ -122,12 +146,7 @@ class Agent:
                 self._sync = sync
                 backend = grpc_backend_address()
                 front_door = FrontDoor(config.socket, backend)
-                attestor = UnixAttestor(
-                    UnixAttestorConfig(
-                        discover_workload_path=config.workload_attestors.unix.discover_workload_path,
-                        workload_size_limit=config.workload_attestors.unix.workload_size_limit,
-                    )
-                )
+                attestor = workload_attestor(config.workload_attestors, os.environ)
                 add_public_api(server, front_door.caller_of, sync.cache, attestor, sds_config(config.sds))
                 server.add_insecure_port(backend)
                 await server.start()

@@ -9,10 +9,15 @@ one of the two is required unless the data dir already holds a bundle from an ea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from spiffecore import SpiffeIDError, TrustDomain
+from spiffeops.config import Duration
+
+if TYPE_CHECKING:
+    from sidecar.agent.attestors.k8s import K8sAttestorConfig
 
 DEFAULT_DATA_DIR: Final = Path(".spiffe-agent")
 DEFAULT_SOCKET: Final = Path("/tmp/spiffe-agent/public/api.sock")  # noqa: S108 - the documented default
@@ -43,8 +48,48 @@ class UnixAttestorSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class K8sAttestorSection:
+    """The ``k8s`` workload attestor: pods from the kubelet's read-only ``/pods`` endpoint.
+
+    Off by default. ``node_name`` null means ``$NODE_NAME`` (set it from the downward API's
+    ``spec.nodeName``), and when that is unset too the pods' node is not checked.
+    """
+
+    enabled: bool = False
+    pods_url: str = "http://127.0.0.1:10255/pods"
+    node_name: str | None = None
+    # Where /proc/<pid>/cgroup is read (the host's /proc: the agent runs with hostPID).
+    proc_root: Path = Path("/proc")
+    # A container just started may not be listed yet: look this many times, poll_interval apart,
+    # then attest it without k8s selectors.
+    max_poll_attempts: int = 20
+    poll_interval: Duration = timedelta(milliseconds=500)
+    # One pod list serves every caller for this long.
+    cache_ttl: Duration = timedelta(seconds=1)
+
+    def __post_init__(self) -> None:
+        # The attestor's own rules, checked here so the error names this section and its line.
+        self.attestor_config()
+
+    def attestor_config(self) -> K8sAttestorConfig:
+        """The attestor's settings (``node_name`` as written; the agent falls back to ``$NODE_NAME``)."""
+        # Imported late: the workload commands read this module and need no attestor.
+        from sidecar.agent.attestors.k8s import K8sAttestorConfig  # noqa: PLC0415
+
+        return K8sAttestorConfig(
+            pods_url=self.pods_url,
+            node_name=self.node_name,
+            proc_root=self.proc_root,
+            max_poll_attempts=self.max_poll_attempts,
+            poll_interval=self.poll_interval.total_seconds(),
+            cache_ttl=self.cache_ttl.total_seconds(),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkloadAttestorsSection:
     unix: UnixAttestorSection = field(default_factory=UnixAttestorSection)
+    k8s: K8sAttestorSection = field(default_factory=K8sAttestorSection)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
