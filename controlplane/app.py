@@ -41,11 +41,15 @@ from controlplane.api.hub import EntryHub
 from controlplane.api.registration import RegistrationService
 from controlplane.attest.base import NodeAttestor
 from controlplane.attest.join_token import JoinTokenAttestor
+from controlplane.attest.jwks import JWKSURL, JWKSFile, JWKSSource, KeyCache
+from controlplane.attest.k8s_psat import NAME as K8S_PSAT
+from controlplane.attest.k8s_psat import Cluster as PsatCluster
+from controlplane.attest.k8s_psat import ClusterPolicy, K8sPsatAttestor
 from controlplane.attest.x509pop import X509PopAttestor
 from controlplane.ca.jwtca import sign_jwt_svid
 from controlplane.ca.manager import CAEvent, CAManager
 from controlplane.ca.svid import public_key_from_csr, sign_x509_svid
-from controlplane.config import ServerConfig
+from controlplane.config import K8sPsatSection, ServerConfig
 from controlplane.model import SERVER_DNS_NAME, server_id
 from controlplane.store import ChangeFeed, Store, sqlite_url
 from spiffecore import SpiffeBundle, SpiffeError, SpiffeID, TrustDomain
@@ -264,7 +268,31 @@ def _attestors(config: ServerConfig, store: Store) -> dict[str, NodeAttestor]:
     if config.attestors.x509pop.ca_bundle is not None:
         roots = x509.load_pem_x509_certificates(config.attestors.x509pop.ca_bundle.read_bytes())
         attestors["x509pop"] = X509PopAttestor(trust_domain=trust_domain, roots=roots, clock=utcnow)
+    if config.attestors.k8s_psat.clusters:
+        attestors[K8S_PSAT] = K8sPsatAttestor(
+            trust_domain=trust_domain, clusters=_psat_clusters(config.attestors.k8s_psat), clock=utcnow
+        )
     return attestors
+
+
+def _psat_clusters(section: K8sPsatSection) -> list[PsatCluster]:
+    """The k8s_psat clusters; their JWKS files are read now, so a bad one stops the start-up."""
+    clusters = []
+    for name, cluster in section.clusters.items():
+        source: JWKSSource
+        if cluster.jwks_url is not None:
+            source = JWKSURL(cluster.jwks_url, ca_file=cluster.jwks_ca_file, token_file=cluster.jwks_token_file)
+        else:
+            assert cluster.jwks_file is not None  # the config allows exactly one of the two
+            source = JWKSFile(cluster.jwks_file)
+        keys = KeyCache(source)
+        if isinstance(source, JWKSFile):
+            keys.load()
+        policy = ClusterPolicy.build(
+            name, allow_list=cluster.service_account_allow_list, audience=cluster.audience, issuer=cluster.issuer
+        )
+        clusters.append(PsatCluster(policy=policy, keys=keys))
+    return clusters
 
 
 class Server:

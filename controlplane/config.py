@@ -12,6 +12,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Final, Literal
 
+from controlplane.attest.jwks import check_jwks_url
+from controlplane.attest.k8s_psat import DEFAULT_AUDIENCE as DEFAULT_PSAT_AUDIENCE
+from controlplane.attest.k8s_psat import check_cluster_name, parse_service_account
 from controlplane.ca.config import CAConfig
 from controlplane.ca.keys import KeyType
 from spiffecore import SpiffeIDError, TrustDomain
@@ -49,9 +52,55 @@ class X509PopSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class K8sPsatClusterSection:
+    """One Kubernetes cluster whose agents attest with projected service account tokens."""
+
+    # NAMESPACE:SERVICE_ACCOUNT of the agents' pods; no other token is accepted.
+    service_account_allow_list: tuple[str, ...]
+    # The token must carry one of these audiences (the agent's projected token requests one).
+    audience: tuple[str, ...] = (DEFAULT_PSAT_AUDIENCE,)
+    # The cluster's service account issuer keys (JWK Set): a file, or an https URL (exactly one).
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    # For jwks_url: PEM roots for its certificate (default: the system's), and a file whose bearer
+    # token is sent with each fetch (the API server's /openid/v1/jwks wants one).
+    jwks_ca_file: Path | None = None
+    jwks_token_file: Path | None = None
+    # The token's iss must equal this, when set.
+    issuer: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of jwks_file and jwks_url")
+        if self.jwks_url is not None:
+            check_jwks_url(self.jwks_url)
+        elif self.jwks_ca_file is not None or self.jwks_token_file is not None:
+            raise ValueError("jwks_ca_file and jwks_token_file go with jwks_url")
+        if not self.service_account_allow_list:
+            raise ValueError("service_account_allow_list must name at least one NAMESPACE:SERVICE_ACCOUNT")
+        for entry in self.service_account_allow_list:
+            parse_service_account(entry)
+        if not self.audience or not all(self.audience):
+            raise ValueError("audience must hold at least one non-empty audience")
+        if self.issuer is not None and not self.issuer:
+            raise ValueError("issuer must not be empty (leave it out to accept any)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class K8sPsatSection:
+    # Cluster name (a segment of agent IDs) -> its settings; k8s_psat is off without clusters.
+    clusters: dict[str, K8sPsatClusterSection] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.clusters:
+            check_cluster_name(name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttestorsSection:
     join_token: JoinTokenSection = field(default_factory=JoinTokenSection)
     x509pop: X509PopSection = field(default_factory=X509PopSection)
+    k8s_psat: K8sPsatSection = field(default_factory=K8sPsatSection)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
