@@ -33,14 +33,15 @@ lint: proto ## ruff, mypy --strict and the import-linter contracts
 	$(VENV)/bin/lint-imports
 
 # The store's tests run against PostgreSQL on 127.0.0.1:5432 as well as SQLite; the proxy's
-# PROXY-protocol tests talk to a real HAProxy and its TLS scan runs sslscan (Debian's packages).
-services: ## start the local PostgreSQL if it is not running, install HAProxy and sslscan if missing
+# PROXY-protocol tests talk to a real HAProxy and its TLS scan runs sslscan; bench/proxy.py runs
+# HAProxy and stunnel4 next to spiffe-proxy and Envoy (Debian's packages).
+services: ## start the local PostgreSQL if it is not running, install HAProxy, sslscan and stunnel4 if missing
 	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
 	  command -v pg_ctlcluster >/dev/null || { echo "PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }; \
 	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
 	  for i in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 	  pg_isready -h 127.0.0.1 -p 5432; }
-	@missing=$$(for tool in haproxy sslscan; do command -v $$tool >/dev/null || echo $$tool; done); [ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
+	@missing=$$(for tool in haproxy sslscan stunnel4; do command -v $$tool >/dev/null || echo $$tool; done); [ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
 
 unit: proto services ## the test suite alone
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -56,6 +57,7 @@ demo: $(INSTALLED) ## run the whole system on this machine, narrated (control pl
 bench: $(INSTALLED) services ## the benchmarks in bench/ (each prints a table against its peers)
 	$(PY) bench/verify.py
 	$(PY) bench/proxy_relay.py
+	$(PY) bench/proxy.py
 	$(PY) bench/frontdoor.py
 	$(PY) bench/controlplane.py
 	$(PY) bench/agent.py
