@@ -7,7 +7,10 @@ service account, pod and node. :meth:`Issuer.token` takes overrides (``None`` re
 
 from __future__ import annotations
 
+import http.server
 import json
+import ssl
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,3 +112,55 @@ class Issuer:
             else:
                 claims[name] = value
         return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": kid})
+
+
+class JWKSServer:
+    """An issuer's JWKS endpoint on 127.0.0.1 (HTTP, or HTTPS with ``tls``), in a thread.
+
+    ``body`` and ``status`` are what it answers (change them at will); ``requests`` counts the
+    GETs and ``authorizations`` records their Authorization headers; ``redirect_to`` answers 302.
+    """
+
+    def __init__(self, body: bytes, *, tls: ssl.SSLContext | None = None) -> None:
+        self.body = body
+        self.status = 200
+        self.redirect_to: str | None = None
+        self.requests = 0
+        self.authorizations: list[str | None] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests += 1
+                owner.authorizations.append(self.headers.get("Authorization"))
+                if owner.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(owner.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(owner.body)))
+                self.end_headers()
+                self.wfile.write(owner.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.port: int = self._server.server_address[1]
+        host = "localhost" if tls is not None else "127.0.0.1"  # an HTTPS certificate names localhost
+        self.url = f"{'https' if tls is not None else 'http'}://{host}:{self.port}/openid/v1/jwks"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="jwks-server", daemon=True)
+
+    def __enter__(self) -> JWKSServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
