@@ -28,8 +28,12 @@ async def workload_source(address: str | None) -> AsyncIterator[X509Source]:
         yield source
 
 
+WORKER_COMMAND = (sys.executable, "-m", "sidecar.proxy_cli")
+"""How ``--workers`` starts each worker: this module in a new interpreter."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, open_workload_source=workload_source)
+    return cli.main(argv, open_workload_source=workload_source, worker_command=WORKER_COMMAND)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,17 @@ API client lives outside the proxy's allowed imports; the files source is built 
 
 Phases: load the identity (the first one is awaited, bounded), listen, serve ``--status``, print
 the ready line; then, on SIGTERM or SIGINT, stop accepting, drain the connections in flight up to
-the drain deadline, and return. SIGHUP re-reads the identity files now.
+the drain deadline, and return. SIGHUP re-reads the identity files and the policy file now.
+
+The policy file (``--policy``) is followed like the identity files (:class:`~sidecar.proxy.source.FileWatch`:
+polled, and at once on SIGHUP). A good new file becomes the authorizer of new connections in one
+reference swap (:class:`~sidecar.proxy.tls.ProxyTLS`); connections already made are not judged
+again. A bad one is logged with its reason and counted, and the policy in force stays. The policy
+in force is logged at start and after every reload.
+
+With ``--workers N`` this class runs in each worker process (``worker`` set: the listening socket
+has SO_REUSEPORT, on the port the parent reserved, and no status endpoint); the parent is
+:class:`sidecar.proxy.workers.Supervisor`.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Literal
 
@@ -32,9 +42,10 @@ from sidecar.proxy.errors import ProxyConfigError
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.metrics import ProxyMetrics, readiness
 from sidecar.proxy.policy import Policy
+from sidecar.proxy.policyfile import load_policy_file
 from sidecar.proxy.relay import Timeouts
 from sidecar.proxy.server import ProxyServer
-from sidecar.proxy.source import PEMFiles, file_source
+from sidecar.proxy.source import DEFAULT_POLL_INTERVAL, FileWatch, PEMFiles, file_source
 from sidecar.proxy.tls import ProxyTLS
 from sidecar.workload.source import X509Source
 from spiffecore import SpiffeError
@@ -58,7 +69,10 @@ class ProxyConfig:
     """Everything ``spiffe-proxy`` is told on its command line, checked when built.
 
     Exactly one identity source: ``workload_api`` (an address, or ``""`` for
-    ``SPIFFE_ENDPOINT_SOCKET``) or the three files ``cert``, ``key`` and ``bundle``.
+    ``SPIFFE_ENDPOINT_SOCKET``) or the three files ``cert``, ``key`` and ``bundle``. ``policy`` is
+    the rules of the flags, or those ``policy_file`` has for ``listen`` when it was read.
+    ``workers`` above 1 asks for that many processes sharing a TCP port (SO_REUSEPORT);
+    ``worker`` (an index) and ``worker_port`` are set in each of those processes.
     """
 
     mode: Literal["server", "client"] = "server"
@@ -77,6 +91,11 @@ class ProxyConfig:
     unsafe_listen: bool = False
     unsafe_upstream: bool = False
     identity_timeout: float = IDENTITY_TIMEOUT
+    policy_file: Path | None = None
+    policy_poll_interval: float = DEFAULT_POLL_INTERVAL
+    workers: int = 1
+    worker: int | None = None
+    worker_port: int = 0
 
     def __post_init__(self) -> None:
         self.policy.authorizer()  # no rule: ProxyConfigError, in either mode (fail closed)
@@ -104,6 +123,23 @@ class ProxyConfig:
             raise ProxyConfigError("--max-conns must be 0 (no limit) or more", self.max_connections)
         if self.drain_timeout < 0:
             raise ProxyConfigError("--drain-timeout cannot be negative", self.drain_timeout)
+        if self.workers < 1:
+            raise ProxyConfigError("--workers must be 1 or more", self.workers)
+        if self.workers > 1 and self.listen.is_unix:
+            raise ProxyConfigError(
+                "--workers above 1 needs a TCP --listen address: processes cannot share a unix socket "
+                "with SO_REUSEPORT",
+                str(self.listen),
+            )
+        if self.worker is not None and (self.listen.is_unix or self.status is not None):
+            raise ProxyConfigError("a worker listens on a TCP port and serves no --status (its parent does)")
+
+    @property
+    def bind(self) -> Address:
+        """The address the listening socket binds: ``listen``, or in a worker its parent's port."""
+        if self.worker is None:
+            return self.listen
+        return replace(self.listen, port=self.worker_port)
 
     @property
     def files(self) -> PEMFiles | None:
@@ -166,14 +202,20 @@ class ProxyApp:
     async def run(self, announce: Callable[[str], None]) -> None:
         config = self.config
         files = config.files
+        policy_watch, policy = self._policy()
         async with self._source(files) as source:
             await source.ready(config.identity_timeout)
-            tls = ProxyTLS(source, config.policy.authorizer(), server_side=config.mode == "server")
+            tls = ProxyTLS(source, policy.authorizer(), server_side=config.mode == "server")
             listener = self._listener(tls)
             await listener.start()
+            self._log_policy("policy in force", policy)
             loop = asyncio.get_running_loop()
             follower = loop.create_task(self._follow(source))
-            loop.add_signal_handler(signal.SIGHUP, self._reload, files)  # never the default: it would kill us
+            policy_follower = None
+            if policy_watch is not None:
+                policy_follower = loop.create_task(self._follow_policy(policy_watch, tls, policy))
+            # SIGHUP's default would kill us: a handler is there for the process's whole life.
+            loop.add_signal_handler(signal.SIGHUP, self._reload, files, policy_watch)
             status = self._status(source)
             try:
                 announce(self._ready_line(listener, source, status))
@@ -189,19 +231,56 @@ class ProxyApp:
                 await listener.drain(config.drain_timeout)
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follower
+                for task in (follower, policy_follower):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                 await listener.drain(0.0)
                 if status is not None:
                     status.stop()
         _log.info("stopped")
 
+    def _policy(self) -> tuple[FileWatch | None, Policy]:
+        """The policy to start with, and the watch of its file (None: the flags' rules, fixed)."""
+        config = self.config
+        if config.policy_file is None:
+            return None, config.policy
+        watch = FileWatch((config.policy_file,), config.policy_poll_interval)  # its stamp first, then read
+        return watch, load_policy_file(config.policy_file).for_listener(config.listen)
+
+    def _log_policy(self, message: str, policy: Policy) -> None:
+        extra: dict[str, object] = {"listen": str(self.config.listen), "policy": str(policy)}
+        if self.config.policy_file is not None:
+            extra["policy_file"] = str(self.config.policy_file)
+        _log.info(message, extra=extra)
+
+    async def _follow_policy(self, watch: FileWatch, tls: ProxyTLS, policy: Policy) -> None:
+        """Read the policy file again after each change (or SIGHUP); new connections follow it."""
+        path = self.config.policy_file
+        assert path is not None
+        while True:
+            await watch.changed()
+            try:
+                new = load_policy_file(path).for_listener(self.config.listen)
+            except ProxyConfigError as err:
+                self.metrics.policy_reloaded(ok=False)
+                _log.error(
+                    "reloading the policy file failed; keeping the policy in force",
+                    extra={"policy_file": str(path), "reason": str(err), "policy": str(policy)},
+                )
+                continue
+            tls.authorizer = new.authorizer()  # one reference: the next connection's verify callback
+            policy = new
+            self.metrics.policy_reloaded(ok=True)
+            self._log_policy("policy reloaded", policy)
+
     def _listener(self, tls: ProxyTLS) -> Listener:
         config = self.config
+        reuse_port = config.worker is not None
         if config.mode == "server":
             return ProxyServer(
-                listen=config.listen,
+                listen=config.bind,
                 upstream=config.upstream,
                 tls=tls,
                 timeouts=config.timeouts,
@@ -209,15 +288,17 @@ class ProxyApp:
                 allow_unsafe_upstream=config.unsafe_upstream,
                 metrics=self.metrics,
                 proxy_protocol=config.proxy_protocol,
+                reuse_port=reuse_port,
             )
         return ProxyClient(
-            listen=config.listen,
+            listen=config.bind,
             upstream=config.upstream,
             tls=tls,
             timeouts=config.timeouts,
             max_connections=config.max_connections,
             allow_unsafe_listen=config.unsafe_listen,
             metrics=self.metrics,
+            reuse_port=reuse_port,
         )
 
     def _status(self, source: X509Source) -> StatusServer | None:
@@ -258,12 +339,15 @@ class ProxyApp:
                 )
 
     @staticmethod
-    def _reload(files: PEMFiles | None) -> None:
+    def _reload(files: PEMFiles | None, policy: FileWatch | None) -> None:
         if files is None:
-            _log.info("SIGHUP ignored: the Workload API pushes new identities by itself")
-            return
-        _log.info("SIGHUP: reloading the identity files")
-        files.reload()
+            _log.info("SIGHUP: the Workload API pushes new identities by itself")
+        else:
+            _log.info("SIGHUP: reloading the identity files")
+            files.reload()
+        if policy is not None:
+            _log.info("SIGHUP: reloading the policy file")
+            policy.poke()
 
     def _ready_line(self, listener: Listener, source: X509Source, status: StatusServer | None) -> str:
         config = self.config

@@ -22,8 +22,10 @@ import uvloop
 from sidecar.proxy.address import Address
 from sidecar.proxy.app import OpenWorkloadSource, ProxyApp, ProxyConfig
 from sidecar.proxy.errors import ProxyConfigError
-from sidecar.proxy.policy import Policy
+from sidecar.proxy.policy import POLICY_AND_FLAGS, Policy
+from sidecar.proxy.policyfile import load_policy_file
 from sidecar.proxy.relay import Timeouts
+from sidecar.proxy.workers import Supervisor, WorkerFields, die_with_parent
 from spiffecore import SpiffeError
 from spiffeops.logs import configure_logging
 from spiffeops.status import AddressError, parse_host_port
@@ -36,7 +38,23 @@ certificates rotating under live traffic.
 
 The identity comes from the Workload API (--workload-api, or SPIFFE_ENDPOINT_SOCKET) or from
 PEM files (--cert, --key, --bundle; re-read when they change and on SIGHUP). At least one
---allow-* rule is required. Prints one line when ready; SIGTERM or SIGINT drains and exits 0.
+--allow-* rule is required, or a --policy file instead (re-read when it changes and on SIGHUP;
+new connections follow it, open ones keep going). A policy file:
+
+  version: 1
+  listeners:
+    - listen: 0.0.0.0:8443          # this proxy's --listen
+      allow:
+        ids: [spiffe://example.org/frontend]
+        trust_domains: [partner.example]
+        patterns: ["spiffe://example.org/ns/*/sa/**"]
+  default:                          # optional: any other --listen
+    allow:
+      any_id: true
+
+--workers N runs N processes accepting on the same TCP port (SO_REUSEPORT), one core each.
+Prints one line when ready; SIGTERM or SIGINT drains and exits 0. Exit codes: 0 after a drain,
+2 for a bad flag, configuration or policy file, 1 when it cannot start.
 """
 
 ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
@@ -64,6 +82,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spiffe-proxy", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,9 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     allow.add_argument("--allow-trust-domain", action="append", default=[], metavar="TD")
     allow.add_argument("--allow-pattern", action="append", default=[], metavar="P", help="* one segment, ** at end")
     allow.add_argument("--allow-any-id", action="store_true", help="any ID of a trusted domain (explicit, alone)")
+    allow.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="YAML rules per listener, re-read on change and SIGHUP (instead of --allow-*)",
+    )
     ops = parser.add_argument_group("operation")
     ops.add_argument("--status", metavar="HOST:PORT", help="serve /healthz, /readyz and /metrics")
     ops.add_argument("--max-conns", type=_count, default=0, metavar="N", help="0: no limit (default)")
+    ops.add_argument(
+        "--workers", type=_workers, default=1, metavar="N", help="processes sharing the TCP port (default: 1)"
+    )
     ops.add_argument("--proxy-protocol", action="store_true", help="send a PROXY v2 header to the upstream")
     ops.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="S", help="default: 10")
     ops.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="S", help="default: 10")
@@ -95,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--unsafe-upstream", action="store_true", help="allow a non-loopback plaintext upstream")
     ops.add_argument("--log-format", choices=("json", "text"), default="json", help="default: json")
     ops.add_argument("--log-level", default="info", metavar="L", help="default: info")
+    # A worker of --workers N: set by its parent (sidecar.proxy.workers), never by hand.
+    parser.add_argument("--worker", type=_count, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-port", type=_count, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-parent", type=_count, default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -118,16 +156,30 @@ def load_config(args: argparse.Namespace, environ: os._Environ[str] | dict[str, 
         )
     except ValueError as err:
         raise ProxyConfigError(str(err)) from err
-    return ProxyConfig(
-        mode=args.mode,
-        listen=Address.parse(args.listen),
-        upstream=Address.parse(args.upstream),
-        policy=Policy.from_rules(
+    listen = Address.parse(args.listen)
+    flags = bool(args.allow_id or args.allow_trust_domain or args.allow_pattern or args.allow_any_id)
+    if args.policy is not None:
+        if flags:
+            raise ProxyConfigError(POLICY_AND_FLAGS)
+        policy = load_policy_file(args.policy).for_listener(listen)
+    else:
+        policy = Policy.from_rules(
             allow_id=args.allow_id,
             allow_trust_domain=args.allow_trust_domain,
             allow_pattern=args.allow_pattern,
             allow_any_id=args.allow_any_id,
-        ),
+        )
+    if args.worker is not None:
+        status = None  # the parent serves it
+    return ProxyConfig(
+        mode=args.mode,
+        listen=listen,
+        upstream=Address.parse(args.upstream),
+        policy=policy,
+        policy_file=args.policy,
+        workers=args.workers,
+        worker=args.worker,
+        worker_port=args.worker_port,
         workload_api=workload_api,
         cert=args.cert,
         key=args.key,
@@ -147,19 +199,36 @@ def main(
     *,
     open_workload_source: OpenWorkloadSource | None = None,
     out: TextIO | None = None,
+    worker_command: Sequence[str] | None = None,
 ) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the proxy; the exit code. ``worker_command`` starts this command in a new interpreter,
+    for ``--workers`` (without it, ``--workers`` above 1 is refused)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     stdout = out if out is not None else sys.stdout
     try:
-        configure_logging(fmt=args.log_format, level=args.log_level)
+        handler = configure_logging(fmt=args.log_format, level=args.log_level)
     except ValueError as err:
         print(f"spiffe-proxy: error: {err}", file=sys.stderr)
         return 2
+    if args.worker is not None:
+        handler.addFilter(WorkerFields(args.worker))
+        die_with_parent(args.worker_parent)
+
+    def announce(line: str) -> None:
+        print(line, file=stdout, flush=True)
+
     try:
         config = load_config(args, os.environ)
+        if config.workers > 1 and config.worker is None:
+            if worker_command is None:
+                raise ProxyConfigError("--workers above 1 needs the spiffe-proxy command to start its workers")
+            supervisor = Supervisor(config, command=worker_command, argv=arguments)
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(supervisor.run(announce))
         app = ProxyApp(config, open_workload_source=open_workload_source)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(app.run(announce=lambda line: print(line, file=stdout, flush=True)))
+            runner.run(app.run(announce))
     except ProxyConfigError as err:
         print(f"spiffe-proxy: error: {err}", file=sys.stderr)
         return 2

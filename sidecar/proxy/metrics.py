@@ -12,7 +12,14 @@ Every label value comes from a fixed set: a reason the proxy does not know is co
 * ``spiffe_proxy_bytes_total{direction}`` (counter): ``to_upstream`` or ``to_downstream``;
 * ``spiffe_proxy_upstream_connect_failures_total`` (counter): failed connects to the upstream;
 * ``spiffe_proxy_identity_rotations_total`` (counter): X.509-SVIDs that replaced the current one;
-* ``spiffe_proxy_certificate_expiry_timestamp_seconds`` (gauge): the current SVID's notAfter.
+* ``spiffe_proxy_certificate_expiry_timestamp_seconds`` (gauge): the current SVID's notAfter;
+* ``spiffe_proxy_policy_reloads_total{result}`` (counter): policy file reloads, ``ok`` or ``error``
+  (a bad file, which left the policy as it was).
+
+With ``--workers N`` every worker counts its own events and the parent's ``/metrics`` adds them
+up (prometheus-client's multiprocess mode, :mod:`sidecar.proxy.workers`): counters are summed,
+``connections_active`` is the sum over the live workers and the expiry the soonest among them;
+a policy reload is counted once per worker, since each worker reads the file.
 
 Reasons: ``handshake_timeout``, ``no_client_cert``, ``untrusted``, ``expired``, ``not_allowed``,
 ``protocol_error``, ``other``. An empty label value is the same as no label in PromQL, so
@@ -70,7 +77,9 @@ class ProxyMetrics:
         self._accepted = Counter(
             "spiffe_proxy_connections_accepted", "Connections accepted by the proxy's listener.", registry=registry
         )
-        self._active = Gauge("spiffe_proxy_connections_active", "Connections open now.", registry=registry)
+        self._active = Gauge(
+            "spiffe_proxy_connections_active", "Connections open now.", registry=registry, multiprocess_mode="livesum"
+        )
         self._closed = Counter(
             "spiffe_proxy_connections_closed", "Connections closed, whatever the reason.", registry=registry
         )
@@ -101,6 +110,13 @@ class ProxyMetrics:
             "spiffe_proxy_certificate_expiry_timestamp_seconds",
             "When the current X.509-SVID expires (its notAfter), in unix seconds; 0 before one is loaded.",
             registry=registry,
+            multiprocess_mode="livemin",
+        )
+        policy_reloads = Counter(
+            "spiffe_proxy_policy_reloads",
+            'Reloads of the policy file: "ok", or "error" (the policy in force stayed).',
+            ["result"],
+            registry=registry,
         )
         # Every child is made now, so each series shows (at 0) from the first scrape and the hot
         # path is a dict lookup, never a label check.
@@ -108,6 +124,7 @@ class ProxyMetrics:
         self._handshake_failed = {reason: handshakes.labels("failed", reason.value) for reason in Reason}
         self._rejections = {reason: rejections.labels(reason.value) for reason in Reason}
         self._bytes = {direction: transferred.labels(direction.value) for direction in Direction}
+        self._policy_reloads = {ok: policy_reloads.labels("ok" if ok else "error") for ok in (True, False)}
 
     def connection_opened(self) -> None:
         self._accepted.inc()
@@ -158,6 +175,10 @@ class ProxyMetrics:
         expiry = _unix_seconds(not_after)
         self._rotations.inc()
         self._expiry.set(expiry)
+
+    def policy_reloaded(self, *, ok: bool) -> None:
+        """The policy file was read again: ``ok``, or refused (the policy in force stayed)."""
+        self._policy_reloads[ok].inc()
 
 
 def _unix_seconds(moment: datetime) -> float:

@@ -7,8 +7,9 @@ A rule set that allows nothing is refused when the proxy is built (fail closed):
 no rule would refuse everyone, so the operator has surely forgotten one; the client mode asks
 for a rule too, since a server's SPIFFE ID is what SPIFFE authenticates, not a host name.
 
-A policy file with one :class:`Policy` per listener can map onto this value later:
-:meth:`Policy.from_rules` takes the same strings as the flags.
+The policy file (``--policy``, :mod:`sidecar.proxy.policyfile`) maps onto this value:
+:meth:`Policy.from_rules` takes the same strings as the flags, and :func:`parse_id`,
+:func:`parse_trust_domain` and :func:`parse_pattern` parse one of them each.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from spiffecore import (
 
 NO_RULE = "at least one of --allow-id, --allow-trust-domain, --allow-pattern or --allow-any-id is required"
 ANY_AND_RULES = "--allow-any-id cannot be combined with other --allow-* rules"
+POLICY_AND_FLAGS = "--policy cannot be combined with --allow-* flags: put every rule in the policy file"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,9 +60,9 @@ class Policy:
     ) -> Policy:
         """Parse the ``--allow-*`` strings; a bad one is a :class:`ProxyConfigError` quoting it."""
         try:
-            ids = frozenset(SpiffeID.parse(text) for text in allow_id)
-            trust_domains = frozenset(TrustDomain.parse(_bare_trust_domain(text)) for text in allow_trust_domain)
-            patterns = tuple(dict.fromkeys(IDPattern.parse(text) for text in allow_pattern))
+            ids = frozenset(parse_id(text) for text in allow_id)
+            trust_domains = frozenset(parse_trust_domain(text) for text in allow_trust_domain)
+            patterns = tuple(dict.fromkeys(parse_pattern(text) for text in allow_pattern))
         except SpiffeError as err:
             raise ProxyConfigError(f"bad allow rule ({err})") from err
         return cls(ids=ids, trust_domains=trust_domains, patterns=patterns, allow_any=allow_any_id)
@@ -90,7 +92,18 @@ class Policy:
             return "nothing (no rule configured)"
 
 
-def _bare_trust_domain(text: str) -> str:
-    # Accept "example.org" and "spiffe://example.org" alike, as SPIRE's tools do.
+def parse_id(text: str) -> SpiffeID:
+    """One ``--allow-id``; :class:`SpiffeError` quoting it."""
+    return SpiffeID.parse(text)
+
+
+def parse_trust_domain(text: str) -> TrustDomain:
+    """One ``--allow-trust-domain``, ``example.org`` or ``spiffe://example.org`` alike (as SPIRE's
+    tools take it); :class:`SpiffeError` quoting it."""
     prefix = "spiffe://"
-    return text[len(prefix) :] if text.startswith(prefix) else text
+    return TrustDomain.parse(text[len(prefix) :] if text.startswith(prefix) else text)
+
+
+def parse_pattern(text: str) -> IDPattern:
+    """One ``--allow-pattern``; :class:`SpiffeError` quoting it."""
+    return IDPattern.parse(text)

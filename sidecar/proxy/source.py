@@ -5,8 +5,9 @@ watch; nothing of it is repeated here. :func:`file_source` gives the same interf
 files (``--cert``, ``--key``, ``--bundle``): :class:`PEMFiles` reads them, and its :meth:`~PEMFiles.watch`
 yields a new context whenever a file's modification time, size or inode changes (polled; a
 rename over the file, as rotation tools do, changes the inode) or :meth:`~PEMFiles.reload` is
-called (on SIGHUP, later). A bad reload, such as a key that does not match its certificate or a
+called (on SIGHUP). A bad reload, such as a key that does not match its certificate or a
 half-written file, is logged with its reason and skipped: the source keeps the identity it had.
+That polling is :class:`FileWatch`, which the policy file (``--policy``) follows too.
 
 The bundle file holds the X.509 authorities of the SVID's own trust domain.
 """
@@ -33,6 +34,54 @@ _log = logging.getLogger(__name__)
 _Stamp = tuple[tuple[int, int, int, int], ...]
 
 
+class FileWatch:
+    """Changes to a set of files, polled: a file's inode, device, modification time or size.
+
+    :meth:`mark` takes the files' stamp now (call it before reading them); :meth:`changed` returns
+    once a stamp differs from the last one taken, or at the next poll after :meth:`poke` (a
+    forced reload, on SIGHUP), and takes the new stamp. A missing file has a stamp of its own, so
+    its deletion and its return are changes too.
+    """
+
+    def __init__(self, paths: tuple[Path, ...], poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        self.paths = paths
+        self.poll_interval = poll_interval
+        self._poked = asyncio.Event()
+        self._stamp = self.stamp()
+
+    def stamp(self) -> _Stamp:
+        stamps = []
+        for path in self.paths:
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append((0, 0, 0, 0))
+                continue
+            stamps.append((st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def mark(self) -> None:
+        self._stamp = self.stamp()
+
+    def poke(self) -> None:
+        """Make :meth:`changed` return at once, whether or not a file changed."""
+        self._poked.set()
+
+    async def changed(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.poll_interval):
+                    await self._poked.wait()
+                forced = True
+            except TimeoutError:
+                forced = False
+            self._poked.clear()
+            stamp = self.stamp()
+            if forced or stamp != self._stamp:
+                self._stamp = stamp
+                return
+
+
 @dataclass(slots=True)
 class PEMFiles:
     """A certificate chain, its private key and a trust bundle, in PEM files."""
@@ -41,7 +90,10 @@ class PEMFiles:
     key: Path
     bundle: Path
     poll_interval: float = DEFAULT_POLL_INTERVAL
-    _reload: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _watch: FileWatch = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._watch = FileWatch((self.cert, self.key, self.bundle), self.poll_interval)
 
     def load(self) -> X509Context:
         """Read and check the three files; :class:`ProxyConfigError` naming the file and the rule."""
@@ -60,27 +112,17 @@ class PEMFiles:
 
     def reload(self) -> None:
         """Read the files again now (the watch yields the new context if they are valid)."""
-        self._reload.set()
+        self._watch.poke()
 
     async def watch(self) -> AsyncIterator[X509Context]:
         """The files' context now, then again after every change; bad versions are logged and skipped.
 
         The first load's error is raised (as a :class:`SpiffeError`), so the source reports it.
         """
-        stamp = self._stamp()
+        self._watch.mark()
         yield self.load()
         while True:
-            try:
-                async with asyncio.timeout(self.poll_interval):
-                    await self._reload.wait()
-                forced = True
-            except TimeoutError:
-                forced = False
-            self._reload.clear()
-            new_stamp = self._stamp()
-            if not forced and new_stamp == stamp:
-                continue
-            stamp = new_stamp
+            await self._watch.changed()
             try:
                 context = self.load()
             except ProxyConfigError as err:
@@ -93,17 +135,6 @@ class PEMFiles:
                 extra={"spiffe_id": str(context.svids[0].id), "expires_at": context.svids[0].expires_at.isoformat()},
             )
             yield context
-
-    def _stamp(self) -> _Stamp:
-        stamps = []
-        for path in (self.cert, self.key, self.bundle):
-            try:
-                st = path.stat()
-            except OSError:
-                stamps.append((0, 0, 0, 0))
-                continue
-            stamps.append((st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size))
-        return tuple(stamps)
 
 
 def file_source(files: PEMFiles) -> X509Source:

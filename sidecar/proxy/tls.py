@@ -23,7 +23,10 @@ skip the verify callback; tickets can come later, with verification of the resum
 
 Rotation: each new connection takes the context of the source's current SVID and bundles; when
 either object changes a new context is built (once) and replaces the old one. Connections made
-earlier keep theirs, untouched.
+earlier keep theirs, untouched. A new policy (``--policy`` reloaded) is the same: assigning
+:attr:`ProxyTLS.authorizer` is one reference swap, the next connection gets a context whose
+verify callback holds the new authorizer, and a connection made earlier, mid-handshake or
+relaying, keeps judging its peer by the rules it started with.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ class ProxyTLS:
     """Hands out TLS connections (memory BIO) for one side of the proxy, always from the newest identity.
 
     ``server_side`` accepts handshakes; otherwise it initiates them. ``authorizer`` decides which
-    peer IDs are allowed, on both sides.
+    peer IDs are allowed, on both sides; assign a new one to change the rules for new connections.
     """
 
     def __init__(
@@ -190,15 +193,19 @@ class ProxyTLS:
         """How many times a new context was built for a changed SVID or bundle set."""
 
     def current(self) -> _Snapshot:
-        """The context for the source's current SVID and bundles, built again only if they changed."""
+        """The context for the source's current SVID and bundles and the current authorizer, built
+        again only if one of them changed."""
         svid = self.source.svid()
         bundles = self.source.bundles
-        snapshot = self._snapshot
-        if snapshot is None or snapshot.svid is not svid or snapshot.bundles is not bundles:
-            snapshot = _Snapshot(svid, bundles, self.authorizer, self.cache, server_side=self.server_side)
-            if self._snapshot is not None:
-                self.rotations += 1
-            self._snapshot = snapshot
+        authorizer = self.authorizer
+        old = self._snapshot
+        rotated = old is not None and (old.svid is not svid or old.bundles is not bundles)
+        if old is not None and not rotated and old.authorizer is authorizer:
+            return old
+        snapshot = _Snapshot(svid, bundles, authorizer, self.cache, server_side=self.server_side)
+        if rotated:
+            self.rotations += 1
+        self._snapshot = snapshot
         return snapshot
 
     @property

@@ -122,6 +122,7 @@ def test_every_series_exists_from_the_start_and_has_help() -> None:
         "spiffe_proxy_upstream_connect_failures",
         "spiffe_proxy_identity_rotations",
         "spiffe_proxy_certificate_expiry_timestamp_seconds",
+        "spiffe_proxy_policy_reloads",
     }
     assert all(family.documentation for family in families.values())
     samples = _samples(text)
