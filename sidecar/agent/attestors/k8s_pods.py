@@ -131,7 +131,8 @@ class PodList:
 def parse_pod_list(data: bytes) -> PodList:
     """The kubelet's ``/pods`` answer as a :class:`PodList`; :class:`PodListError` if it is none."""
     try:
-        document = json.loads(data)
+        # UTF-8, as the API writes it (json.loads would guess UTF-16 or UTF-32 from the first bytes).
+        document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise PodListError(f"the answer is not JSON: {_reason(err)}") from err
     return pod_list(document)
@@ -185,18 +186,16 @@ def container_id(value: str) -> str:
 def _pod(item: Any) -> Pod:
     item = _object(item, "the pod")
     metadata = _object(item.get("metadata"), "metadata")
-    spec = _object(item.get("spec", {}), "spec")
-    status = _object(item.get("status", {}), "status")
+    spec = _object(_or_empty(item.get("spec"), {}), "spec")
+    status = _object(_or_empty(item.get("status"), {}), "status")
     uid = _text(metadata, "uid", "metadata", required=True)
     name = _text(metadata, "name", "metadata", required=True)
     where = f"pod {quote(name)}"
-    labels = _object(metadata.get("labels", {}), f"metadata.labels of {where}")
+    labels = _object(_or_empty(metadata.get("labels"), {}), f"metadata.labels of {where}")
     for key, value in labels.items():
         if not isinstance(value, str):
             raise ValueError(f"label {quote(key)} of {where} is a JSON {_json_type(value)}, not a string")
-    owners = metadata.get("ownerReferences", [])
-    if owners is None:
-        owners = []
+    owners = _or_empty(metadata.get("ownerReferences"), [])
     if not isinstance(owners, list):
         raise ValueError(f"metadata.ownerReferences of {where} is a JSON {_json_type(owners)}, not an array")
     return Pod(
@@ -241,6 +240,11 @@ def _statuses(status: dict[str, Any], where: str) -> Iterator[ContainerStatus]:
                 image=_text(entry, "image", context),
                 image_id=_text(entry, "imageID", context),
             )
+
+
+def _or_empty(value: Any, empty: Any) -> Any:
+    """``empty`` for an absent or ``null`` field (Go encodes a nil map or slice as ``null``)."""
+    return empty if value is None else value
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
