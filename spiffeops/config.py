@@ -556,7 +556,13 @@ def _load(text: str, schema: type[T], source: str, overrides: Mapping[str, objec
     if not _is_schema(schema):
         raise TypeError(f"config: the schema must be a dataclass, got {schema!r}")
     _check_schema(schema, set())
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow: checked before parsing
+        line = text.count("\n", 0, err.position) + 1
+        raise ConfigError(
+            f"config: {source}:{line}: invalid YAML: {err.reason} (character #x{err.character:04x})"
+        ) from err
     try:
         try:
             document = loader.get_single_node()
