@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--join-token", metavar="TOKEN", help="a join token from 'spiffe-server token generate'")
     run.add_argument(
+        "--k8s-psat-cluster", metavar="NAME", help="attest with the pod's projected service account token (k8s_psat)"
+    )
+    run.add_argument(
+        "--k8s-psat-token-path",
+        type=Path,
+        metavar="FILE",
+        help="the projected token for k8s_psat (default /var/run/secrets/tokens/spiffe-agent)",
+    )
+    run.add_argument(
         "--data-dir", type=Path, metavar="DIR", help=f"where the agent keeps its identity (default {DEFAULT_DATA_DIR})"
     )
     run.add_argument("--socket", type=Path, metavar="PATH", help=f"the public socket (default {DEFAULT_SOCKET})")
@@ -148,6 +157,10 @@ def load_agent_config(args: argparse.Namespace) -> AgentConfig:
     overrides: dict[str, object] = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
     if args.istio_socket is not None:
         overrides.update({"istio.enabled": True, "istio.socket": args.istio_socket})
+    if args.k8s_psat_cluster is not None:
+        overrides["k8s_psat.cluster"] = args.k8s_psat_cluster
+    if args.k8s_psat_token_path is not None:
+        overrides["k8s_psat.token_path"] = args.k8s_psat_token_path
     if args.config is not None:
         return load_config(args.config, AgentConfig, overrides=overrides)
     if "trust_domain" not in overrides:

@@ -29,7 +29,7 @@ from sidecar.agent.attestors import CombinedAttestor
 from sidecar.agent.attestors.base import WorkloadAttestor
 from sidecar.agent.attestors.k8s import K8sAttestor, node_name_from
 from sidecar.agent.attestors.unix import UnixAttestor, UnixAttestorConfig
-from sidecar.agent.config import AgentConfig, SDSSection, WorkloadAttestorsSection
+from sidecar.agent.config import DEFAULT_PSAT_TOKEN_PATH, AgentConfig, SDSSection, WorkloadAttestorsSection
 from sidecar.agent.node import AgentNode, NodeSettings, load_or_attest
 from sidecar.agent.peer import FrontDoor, grpc_backend_address
 from sidecar.agent.sync import AgentSync
@@ -118,6 +118,7 @@ class Agent:
 
     def settings(self) -> NodeSettings:
         config = self.config
+        psat = config.k8s_psat
         return NodeSettings(
             server_address=config.server,
             trust_domain=config.trust_domain_value,
@@ -127,6 +128,8 @@ class Agent:
             join_token=config.join_token,
             x509pop_cert=config.x509pop.cert,
             x509pop_key=config.x509pop.key,
+            k8s_psat_cluster=psat.cluster if psat is not None else None,
+            k8s_psat_token_path=psat.token_path if psat is not None else DEFAULT_PSAT_TOKEN_PATH,
         )
 
     async def run(self, *, announce: Callable[[str], None] = print, stop: asyncio.Event | None = None) -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 DEFAULT_DATA_DIR: Final = Path(".spiffe-agent")
 DEFAULT_SOCKET: Final = Path("/tmp/spiffe-agent/public/api.sock")  # noqa: S108 - the documented default
 DEFAULT_SERVER: Final = "127.0.0.1:8081"
+DEFAULT_PSAT_TOKEN_PATH: Final = Path("/var/run/secrets/tokens/spiffe-agent")
 # Istio's path for a workload identity SDS server (pilot-agent looks there; the file name is its
 # WORKLOAD_IDENTITY_SOCKET_FILE, default "socket").
 DEFAULT_ISTIO_SOCKET: Final = Path("/var/run/secrets/workload-spiffe-uds/socket")
@@ -37,6 +38,20 @@ class X509PopSection:
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ValueError("x509pop.cert and x509pop.key must be set together")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class K8sPsatSection:
+    """Attest with the pod's projected service account token (the agent runs as a DaemonSet pod)."""
+
+    # The cluster's name, as the server's attestors.k8s_psat.clusters knows it.
+    cluster: str
+    # The projected token, read afresh at each attestation (the kubelet rotates it).
+    token_path: Path = DEFAULT_PSAT_TOKEN_PATH
+
+    def __post_init__(self) -> None:
+        if not self.cluster:
+            raise ValueError("k8s_psat.cluster must not be empty")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +154,7 @@ class AgentConfig:
     insecure_bootstrap: bool = False
     join_token: str | None = None
     x509pop: X509PopSection = field(default_factory=X509PopSection)
+    k8s_psat: K8sPsatSection | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     socket: Path = DEFAULT_SOCKET
     # HOST:PORT for /healthz, /readyz and /metrics; off when unset.
@@ -158,6 +174,8 @@ class AgentConfig:
             raise ValueError("trust_bundle and insecure_bootstrap exclude each other: choose one")
         if self.join_token is not None and self.x509pop.cert is not None:
             raise ValueError("join_token and x509pop exclude each other: choose one node attestor")
+        if self.k8s_psat is not None and (self.join_token is not None or self.x509pop.cert is not None):
+            raise ValueError("k8s_psat excludes join_token and x509pop: choose one node attestor")
         if self.istio.enabled and self.istio.socket == self.socket:
             raise ValueError(f"istio.socket must differ from socket: both are {str(self.socket)!r}")
 

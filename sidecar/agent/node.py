@@ -3,8 +3,10 @@
 **Start.** :func:`load_or_attest` first looks in the data directory for the agent SVID, its key
 and the trust bundle a previous run left there (``agent-svid.pem`` and ``agent-key.pem``, both
 0600, and ``bundle.json``). If they are there and the SVID is still valid, the agent resumes with
-them: a restart needs no new join token. Otherwise it attests, with a join token or by x509pop
-(proof of possession of a node certificate's key), and persists the result.
+them: a restart needs no new join token. Otherwise it attests, with a join token, by x509pop
+(proof of possession of a node certificate's key) or by k8s_psat (the pod's projected service
+account token, read afresh from its file at every attestation since the kubelet rotates it), and
+persists the result.
 
 **Trust bootstrap.** To attest, the agent must trust the server. It uses, in this order: the
 bundle a previous run persisted; the ``trust_bundle`` file (PEM roots); or, with
@@ -17,8 +19,8 @@ attestation, the bundle the server sent replaces it and is persisted.
 **Renewal.** :meth:`AgentNode.maintain` renews the agent SVID at its rotation time (half its life,
 give or take a tenth: :mod:`sidecar.agent.rotation`) with a new key each time, and persists it.
 While the server is away it retries with backoff. If the SVID expires meanwhile, an agent that can
-attest again by itself (x509pop) does so; one that cannot (a join token is single-use) logs that
-a new token is needed and keeps serving what its cache holds until those SVIDs expire.
+attest again by itself (x509pop, k8s_psat) does so; one that cannot (a join token is single-use)
+logs that a new token is needed and keeps serving what its cache holds until those SVIDs expire.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from sidecar.agent import rotation
+from sidecar.agent.config import DEFAULT_PSAT_TOKEN_PATH
 from sidecar.agent.serverapi import (
     ATTESTATION_CLIENT_CERT_PEM,
     ATTESTATION_CLIENT_KEY_PEM,
     DEFAULT_TIMEOUT,
     JOIN_TOKEN,
+    K8S_PSAT,
     SERVER_DNS_NAME,
     X509POP,
     AgentAPIClient,
@@ -54,6 +58,7 @@ from sidecar.agent.serverapi import (
     ServerAPIError,
     attest,
     generate_key,
+    k8s_psat_payload,
     x509pop_answerer,
     x509pop_payload,
 )
@@ -69,6 +74,8 @@ AGENT_KEY_FILE: Final = "agent-key.pem"
 BUNDLE_FILE: Final = "bundle.json"
 PUBLIC_MODE: Final = 0o644
 PRIVATE_MODE: Final = 0o600
+# The server refuses k8s_psat payloads above 16 KiB; a Kubernetes token is about 1 KiB.
+MAX_PSAT_TOKEN_BYTES: Final = 15 * 1024
 
 
 class NodeError(SpiffeError):
@@ -87,8 +94,9 @@ class NodeSettings:
 
     ``trust_bundle`` (a PEM file of the trust domain's roots) and ``insecure_bootstrap`` are
     needed only for the first start: later starts trust the bundle persisted in ``data_dir``.
-    Attestation uses ``join_token`` or ``x509pop_cert`` (a PEM chain, leaf first) with
-    ``x509pop_key``; only x509pop lets the agent attest again by itself.
+    Attestation uses ``join_token``, ``x509pop_cert`` (a PEM chain, leaf first) with
+    ``x509pop_key``, or ``k8s_psat_cluster`` with the token at ``k8s_psat_token_path``; x509pop and
+    k8s_psat let the agent attest again by itself.
     """
 
     server_address: str
@@ -99,6 +107,8 @@ class NodeSettings:
     join_token: str | None = dataclasses.field(default=None, repr=False)
     x509pop_cert: Path | None = None
     x509pop_key: Path | None = None
+    k8s_psat_cluster: str | None = None
+    k8s_psat_token_path: Path = DEFAULT_PSAT_TOKEN_PATH
     timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
@@ -110,11 +120,24 @@ class NodeSettings:
             raise ValueError("node: join_token and x509pop exclude each other; set one")
         if self.join_token is not None and not self.join_token:
             raise ValueError("node: join_token must not be empty")
+        if self.k8s_psat_cluster is not None and (self.join_token is not None or self.x509pop_cert is not None):
+            raise ValueError("node: k8s_psat excludes join_token and x509pop; set one")
+        if self.k8s_psat_cluster is not None and not self.k8s_psat_cluster:
+            raise ValueError("node: k8s_psat_cluster must not be empty")
 
     @property
     def can_reattest(self) -> bool:
-        """Whether the agent can attest again without an operator (x509pop; a join token is single-use)."""
-        return self.x509pop_cert is not None
+        """Whether the agent can attest again without an operator (x509pop, k8s_psat; a join token is single-use)."""
+        return self.x509pop_cert is not None or self.k8s_psat_cluster is not None
+
+    @property
+    def attestation_type(self) -> str | None:
+        """The node attestor configured, if any."""
+        if self.x509pop_cert is not None:
+            return X509POP
+        if self.k8s_psat_cluster is not None:
+            return K8S_PSAT
+        return JOIN_TOKEN if self.join_token is not None else None
 
 
 # --- persisted state -----------------------------------------------------------------------------
@@ -304,9 +327,43 @@ def _x509pop_credentials(settings: NodeSettings) -> tuple[tuple[x509.Certificate
     return chain, key
 
 
+def read_psat_token(path: Path) -> str:
+    """The projected service account token in ``path``, read now (the kubelet replaces it as it rotates)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_PSAT_TOKEN_BYTES + 1)
+    except OSError as err:
+        raise NodeError(f"cannot read the k8s_psat token ({err.strerror or err})", str(path)) from err
+    if len(data) > MAX_PSAT_TOKEN_BYTES:
+        raise NodeError(f"the k8s_psat token file is larger than {MAX_PSAT_TOKEN_BYTES} bytes", str(path))
+    token = data.strip()
+    if not token:
+        raise NodeError("the k8s_psat token file is empty", str(path))
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise NodeError("the k8s_psat token file does not hold a token (a JWT is printable ASCII)", str(path))
+    return token.decode("ascii")
+
+
 async def attest_node(settings: NodeSettings, roots_pem: bytes) -> AgentIdentity:
-    """Attest with the configured join token or x509pop credentials, trusting ``roots_pem``."""
-    if settings.x509pop_cert is not None:
+    """Attest with the configured join token, x509pop credentials or k8s_psat token, trusting ``roots_pem``."""
+    if settings.k8s_psat_cluster is not None:
+        token = read_psat_token(settings.k8s_psat_token_path)
+        try:
+            identity = await attest(
+                settings.server_address,
+                roots_pem=roots_pem,
+                attestation_type=K8S_PSAT,
+                payload=k8s_psat_payload(settings.k8s_psat_cluster, token),
+                timeout=settings.timeout,
+            )
+        except ServerAPIError as err:
+            if err.code is grpc.StatusCode.PERMISSION_DENIED:
+                raise NodeError(
+                    f"the server refused the k8s_psat token of {settings.k8s_psat_token_path} for cluster"
+                    f" {settings.k8s_psat_cluster!r} ({err.message})"
+                ) from err
+            raise
+    elif settings.x509pop_cert is not None:
         chain, key = _x509pop_credentials(settings)
         identity = await attest(
             settings.server_address,
@@ -335,7 +392,8 @@ async def attest_node(settings: NodeSettings, roots_pem: bytes) -> AgentIdentity
             raise
     else:
         raise NodeError(
-            "the agent has no valid SVID to resume with and no way to attest: configure join_token or x509pop",
+            "the agent has no valid SVID to resume with and no way to attest: configure join_token, x509pop or"
+            " k8s_psat",
             str(settings.data_dir),
         )
     if identity.svid.id.trust_domain != settings.trust_domain:
@@ -461,7 +519,10 @@ class AgentNode:
                 extra={"spiffe_id": str(self._identity.svid.id)},
             )
             await _wait_forever()
-        logger.warning(f"{reason}; attesting again (x509pop)", extra={"spiffe_id": str(self._identity.svid.id)})
+        logger.warning(
+            f"{reason}; attesting again ({self.settings.attestation_type})",
+            extra={"spiffe_id": str(self._identity.svid.id)},
+        )
         backoff = rotation.Backoff(rng=self._rng)
         while True:
             try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -41,6 +42,7 @@ plane (``controlplane.attest.x509pop.CHALLENGE_CONTEXT``), same bytes."""
 
 JOIN_TOKEN: Final = "join_token"  # noqa: S105 - an attestor name, not a secret
 X509POP: Final = "x509pop"
+K8S_PSAT: Final = "k8s_psat"
 DEFAULT_TIMEOUT: Final = 30.0
 
 # The attestation client certificate and its key: a wire contract with the control plane
@@ -281,6 +283,12 @@ def make_csr(key: PrivateKey) -> bytes:
 def x509pop_payload(chain: Sequence[x509.Certificate]) -> bytes:
     """The x509pop evidence: the node's certificate chain, leaf first, as concatenated DER."""
     return dump_der_certificates(chain)
+
+
+def k8s_psat_payload(cluster: str, token: str) -> bytes:
+    """The k8s_psat evidence: ``{"cluster": ..., "token": ...}`` as JSON (a wire contract with the
+    control plane's ``controlplane.attest.k8s_psat``)."""
+    return json.dumps({"cluster": cluster, "token": token}).encode()
 
 
 def x509pop_answerer(private_key: PrivateKey) -> ChallengeAnswerer:

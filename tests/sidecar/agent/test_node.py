@@ -151,7 +151,7 @@ async def test_without_state_nor_attestor_the_agent_says_what_to_configure(
 ) -> None:
     with pytest.raises(NodeError) as caught:
         await load_or_attest(settings(server, tmp_path / "a", trust_bundle=bundle_file(tmp_path, server)))
-    assert "no way to attest: configure join_token or x509pop" in str(caught.value)
+    assert "no way to attest: configure join_token, x509pop or k8s_psat" in str(caught.value)
     with pytest.raises(NodeError) as caught:
         await load_or_attest(settings(server, tmp_path / "b", join_token="t"))
     assert "no way to trust the server: set trust_bundle (or insecure_bootstrap)" in str(caught.value)
