@@ -572,6 +572,8 @@ def _load(text: str, schema: type[T], source: str, overrides: Mapping[str, objec
             root: _Node = _Map({}, {}, source)
         else:
             root = _Builder(loader, source).build(document)
+    except RecursionError as err:  # "[[[[...": the parser and the builder recurse per level
+        raise ConfigError(f"config: {source}: invalid YAML: nested too deeply") from err
     finally:
         loader.dispose()
     if isinstance(root, _Scalar) and root.value is None:

@@ -223,6 +223,11 @@ LISTENER = "version: 1\nlisteners:\n  - listen: 127.0.0.1:8443\n    allow:\n"
             "policy.yaml:2: invalid YAML: special characters are not allowed (character #x001f)",
             id="a control character",
         ),
+        pytest.param(
+            "version: 1\nlisteners: " + "[" * 5000 + "]" * 5000 + "\n",
+            "policy.yaml: invalid YAML: nested too deeply",
+            id="nested too deeply",
+        ),
     ],
 )
 def test_every_mistake_names_the_line_the_key_and_the_input(text: str, message: str) -> None:
