@@ -30,6 +30,7 @@ DEFAULT_TIMEOUT: Final = 5.0
 MAX_RESPONSE_BYTES: Final = 64 << 20  # a node's pods take a few MiB at most; Kubernetes allows 110 by default
 _READ_SIZE: Final = 256 << 10
 _HEADER_ALLOWANCE: Final = 64 << 10  # status line, headers and chunk sizes, beyond the body's limit
+_QUOTED_BODY: Final = 200  # bytes of an error answer's body shown in the error
 
 
 class KubeletError(Exception):
@@ -85,9 +86,14 @@ def response_body(raw: bytes) -> bytes:
     except (http.client.HTTPException, ValueError) as err:
         if not raw:
             raise KubeletError("it closed the connection without answering") from err
-        raise KubeletError(f"its answer is not valid HTTP: {type(err).__name__}: {err}") from err
+        raise KubeletError(
+            f"its answer is not valid HTTP ({type(err).__name__}): {quote(str(err), limit=100)}"
+        ) from err
     if response.status != 200:
-        raise KubeletError(f"it answered {response.status} {response.reason}: {quote(body, limit=200)}")
+        shown = quote(body[:_QUOTED_BODY].decode("utf-8", "replace"))
+        if len(body) > _QUOTED_BODY:
+            shown += f"... ({len(body)} bytes)"
+        raise KubeletError(f"it answered {response.status} {quote(response.reason)}: {shown}")
     return body
 
 
