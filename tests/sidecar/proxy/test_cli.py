@@ -38,7 +38,8 @@ from tests.support.server import running_server
 
 READY = re.compile(
     r"spiffe-proxy ready: (?P<mode>server|client) mode, listening on (?P<listen>\S+), "
-    r"upstream (?P<upstream>\S+), identity (?P<id>spiffe://[^,\s]+)(, status http://(?P<status>\S+))?"
+    r"upstream (?P<upstream>\S+), identity (?P<id>spiffe://[^,\s]+)(, status http://(?P<status>[^,\s]+))?"
+    r"(, (?P<workers>[0-9]+) workers)?"
 )
 PROXY_ID = "/proxy"
 CLIENT_ID = "/client"
@@ -236,8 +237,11 @@ def test_help_names_the_contract_flags() -> None:
         "--unsafe-upstream",
         "--log-format",
         "--log-level",
+        "--policy",
+        "--workers",
     ):
         assert flag in result.stdout
+    assert "--worker-port" not in result.stdout  # the workers' own flags are hidden
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])
