@@ -190,7 +190,7 @@ def check_jwks_url(url: str) -> str:
     """``url`` if it is an https URL (or http to a loopback address), else ``ValueError`` saying why."""
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        _ = parts.port  # a port that is not a number from 0 to 65535 raises here
     except ValueError as err:
         raise ValueError(f"jwks_url is not a URL ({err}): {url!r}") from err
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -201,7 +201,6 @@ def check_jwks_url(url: str) -> str:
         raise ValueError("jwks_url must not carry user information (use jwks_token_file for a bearer token)")
     if parts.fragment:
         raise ValueError(f"jwks_url must not have a fragment: {url!r}")
-    del port  # read only to have it checked
     return url
 
 

@@ -146,7 +146,7 @@ class Evidence:
     """The agent's payload, read: the cluster it names and its token."""
 
     cluster: str
-    token: str = ""
+    token: str
 
     def __repr__(self) -> str:
         return f"Evidence(cluster={self.cluster!r}, token=<{len(self.token)} characters>)"
