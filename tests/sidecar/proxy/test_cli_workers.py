@@ -143,6 +143,15 @@ def test_a_killed_worker_is_reported_and_started_again(setup: Setup, upstream: U
     assert not alive(replacement)
 
 
+def test_workers_do_not_outlive_a_killed_parent(setup: Setup, upstream: Upstream) -> None:
+    proxy = setup.start(upstream.address, *allow_client(setup), "--workers", "2")
+    pids = worker_pids(proxy)
+    assert proxy.stop(signal.SIGKILL) == -signal.SIGKILL
+    wait_for(lambda: not any(alive(pid) for pid in pids))  # each got SIGTERM from the kernel, drained, exited
+    stopped = [e for e in proxy.logs() if e["msg"] == "stopped" and "pid" in e]
+    assert {e["pid"] for e in stopped} == set(pids)
+
+
 def test_a_port_in_use_fails_before_any_worker_starts(setup: Setup, upstream: Upstream) -> None:
     """The port is taken by a listener without SO_REUSEPORT: the parent's own reservation fails,
     before any worker starts, with exit code 1 (it cannot start; the flags are fine)."""
