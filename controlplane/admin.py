@@ -1,4 +1,4 @@
-"""The administrators' commands: ``spiffe-server entry|token|bundle|agent ...`` over the admin socket.
+"""The administrators' commands: ``spiffe-server entry|token|bundle|agent|federation ...`` over the admin socket.
 
 Each command is a function of parsed arguments that talks to the registration API over the
 server's unix socket and prints either readable text (tables) or JSON (``--output json``, one
@@ -12,13 +12,15 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 import grpc
 
-from controlplane.api.convert import bundle_from_proto, entry_to_proto
+from controlplane.api.convert import bundle_from_proto, bundle_to_proto, entry_to_proto
+from controlplane.federation.relationship import parse_trust_domain
 from controlplane.model import ModelError, RegistrationEntry, Selector, parse_spiffe_id
-from spiffecore import SpiffeError, TrustDomain
+from spiffecore import JWTBundle, SpiffeBundle, SpiffeError, TrustDomain, X509Bundle
 from spiffecore.der import dump_pem_certificates
 from spiffeproto import registration_pb2, registration_pb2_grpc, types_pb2
 
@@ -263,8 +265,122 @@ agent_evict = _agent_action("EvictAgent")
 agent_ban = _agent_action("BanAgent")
 
 
+def federation_document(message: types_pb2.FederationRelationship) -> dict[str, Any]:
+    bundle: Any = None
+    if message.HasField("trust_domain_bundle"):
+        bundle = json.loads(message.trust_domain_bundle.spiffe_bundle)
+    return {
+        "trust_domain": message.trust_domain,
+        "bundle_endpoint_url": message.bundle_endpoint_url,
+        "bundle_endpoint_profile": message.bundle_endpoint_profile,
+        "endpoint_spiffe_id": message.endpoint_spiffe_id or None,
+        "created_at": _time(message.created_at) or None,
+        "refreshed_at": _time(message.refreshed_at) or None,
+        "last_attempt_at": _time(message.last_attempt_at) or None,
+        "last_error": message.last_error,
+        "trust_domain_bundle": bundle,
+    }
+
+
+def _bundle_summary(document: Any) -> tuple[str, str, str]:
+    """Sequence, X.509 and JWT authority counts of a bundle document, as shown in text."""
+    if document is None:
+        return ("", "0", "0")
+    keys = document.get("keys", [])
+    x509_count = sum(1 for key in keys if key.get("use") == "x509-svid")
+    jwt_count = sum(1 for key in keys if key.get("use") == "jwt-svid")
+    return (str(document.get("spiffe_sequence", "")), str(x509_count), str(jwt_count))
+
+
+def _print_federation(args: argparse.Namespace, message: types_pb2.FederationRelationship, out: TextIO) -> None:
+    document = federation_document(message)
+    if args.output == "json":
+        json.dump(document, out, indent=2)
+        out.write("\n")
+        return
+    sequence, x509_count, jwt_count = _bundle_summary(document["trust_domain_bundle"])
+    shown = {key: value for key, value in document.items() if key != "trust_domain_bundle"}
+    shown |= {"bundle_sequence": sequence, "x509_authorities": x509_count, "jwt_authorities": jwt_count}
+    for key, value in shown.items():
+        out.write(f"{key:<24} {'' if value is None else value}".rstrip() + "\n")
+
+
+def _read_bundle(path: Path, trust_domain: TrustDomain, form: str) -> SpiffeBundle:
+    """The foreign trust domain's bundle from a file: PEM roots (``bundle show``) or SPIFFE JSON."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise AdminError(f"cannot read the trust domain bundle {str(path)!r} ({err.strerror})") from err
+    try:
+        if form == "spiffe":
+            return SpiffeBundle.parse(trust_domain, data)
+        return SpiffeBundle(x509=X509Bundle.load_pem(trust_domain, data), jwt=JWTBundle(trust_domain=trust_domain))
+    except SpiffeError as err:
+        raise AdminError(f"the trust domain bundle {str(path)!r} is not a {form} bundle ({err})") from err
+
+
+def federation_create(args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        trust_domain = parse_trust_domain(args.trust_domain, what="--trust-domain")
+    except SpiffeError as err:
+        raise AdminError(str(err)) from err
+    relationship = types_pb2.FederationRelationship(
+        trust_domain=trust_domain.name,
+        bundle_endpoint_url=args.bundle_endpoint_url,
+        bundle_endpoint_profile=args.bundle_endpoint_profile,
+        endpoint_spiffe_id=args.endpoint_spiffe_id or "",
+    )
+    if args.trust_domain_bundle is not None:
+        bundle = _read_bundle(args.trust_domain_bundle, trust_domain, args.trust_domain_bundle_format)
+        relationship.trust_domain_bundle.CopyFrom(bundle_to_proto(bundle))
+    request = registration_pb2.CreateFederationRelationshipRequest(relationship=relationship)
+    created = _call(args, lambda stub: stub.CreateFederationRelationship(request, timeout=DEFAULT_TIMEOUT))
+    _print_federation(args, created, out)
+
+
+def federation_list(args: argparse.Namespace, out: TextIO) -> None:
+    request = registration_pb2.ListFederationRelationshipsRequest()
+    found = _call(args, lambda stub: list(stub.ListFederationRelationships(request, timeout=DEFAULT_TIMEOUT)))
+    documents = [federation_document(message) for message in found]
+    if args.output == "json":
+        json.dump(documents, out, indent=2)
+        out.write("\n")
+        return
+    if not documents:
+        out.write("no federation relationships\n")
+        return
+    rows = [["TRUST DOMAIN", "BUNDLE ENDPOINT URL", "PROFILE", "ENDPOINT SPIFFE ID", "REFRESHED", "SEQUENCE", "ERROR"]]
+    rows += [
+        [
+            d["trust_domain"],
+            d["bundle_endpoint_url"],
+            d["bundle_endpoint_profile"],
+            d["endpoint_spiffe_id"] or "",
+            d["refreshed_at"] or "never",
+            _bundle_summary(d["trust_domain_bundle"])[0],
+            d["last_error"],
+        ]
+        for d in documents
+    ]
+    table(rows, out)
+
+
+def _federation_action(name: str) -> Callable[[argparse.Namespace, TextIO], None]:
+    def run(args: argparse.Namespace, out: TextIO) -> None:
+        request = registration_pb2.FederationRelationshipRequest(trust_domain=args.trust_domain)
+        message = _call(args, lambda stub: getattr(stub, name)(request, timeout=DEFAULT_TIMEOUT))
+        _print_federation(args, message, out)
+
+    return run
+
+
+federation_show = _federation_action("GetFederationRelationship")
+federation_delete = _federation_action("DeleteFederationRelationship")
+federation_refresh = _federation_action("RefreshFederatedBundle")
+
+
 def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], *, default_socket: str) -> None:
-    """Add ``entry``, ``token``, ``bundle`` and ``agent`` with their subcommands."""
+    """Add ``entry``, ``token``, ``bundle``, ``agent`` and ``federation`` with their subcommands."""
 
     def leaf(
         group: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -342,6 +458,45 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         ("ban", "refuse an agent until it is evicted", agent_ban),
     ):
         leaf(agent, name, help_text, run).add_argument("agent_id", metavar="ID")
+
+    federation = commands.add_parser("federation", help="relationships with other trust domains").add_subparsers(
+        dest="action", required=True
+    )
+    create = leaf(federation, "create", "federate with another trust domain", federation_create)
+    create.add_argument("--trust-domain", required=True, metavar="TD", help="the other trust domain")
+    create.add_argument(
+        "--bundle-endpoint-url", required=True, metavar="URL", help="its bundle endpoint, https://host:port/"
+    )
+    create.add_argument(
+        "--bundle-endpoint-profile",
+        required=True,
+        choices=("https_spiffe", "https_web"),
+        help="https_spiffe: the endpoint presents an SVID; https_web: a web PKI certificate",
+    )
+    create.add_argument(
+        "--endpoint-spiffe-id", metavar="ID", help="https_spiffe: the endpoint's SPIFFE ID (spiffe://TD/spire/server)"
+    )
+    create.add_argument(
+        "--trust-domain-bundle",
+        type=Path,
+        metavar="FILE",
+        help="the other trust domain's bundle (its `bundle show` output); required for https_spiffe",
+    )
+    create.add_argument(
+        "--trust-domain-bundle-format",
+        choices=("pem", "spiffe"),
+        default="pem",
+        help="PEM roots or the SPIFFE bundle JSON (default pem)",
+    )
+    leaf(federation, "list", "list the relationships", federation_list)
+    for name, help_text, run in (
+        ("show", "show one relationship and its bundle", federation_show),
+        ("delete", "stop federating: agents drop the trust domain's bundle", federation_delete),
+        ("refresh", "fetch the trust domain's bundle now", federation_refresh),
+    ):
+        leaf(federation, name, help_text, run).add_argument(
+            "--trust-domain", required=True, metavar="TD", help="the other trust domain"
+        )
 
 
 def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

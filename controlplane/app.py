@@ -2,8 +2,9 @@
 
 Start-up order: open the store (migrating it), load or create the CA (its TTL checks already ran
 when the configuration was read), publish this server's authorities in the bundle, load every
-entry into the hub, issue the server's own SVID, then serve the agent API (TLS, TCP), the
-registration API (unix socket in a 0700 directory) and the status endpoint. Readiness turns true
+entry into the hub, issue the server's own SVID, start the federation poller, then serve the agent
+API (TLS, TCP), the registration API (unix socket in a 0700 directory), the bundle endpoint (when
+``federation.bundle_endpoint`` is configured) and the status endpoint. Readiness turns true
 only then, and one line on stdout says so. SIGTERM or SIGINT stops the servers with a grace period
 for calls in flight, then the background tasks, then the store.
 """
@@ -49,7 +50,18 @@ from controlplane.attest.x509pop import X509PopAttestor
 from controlplane.ca.jwtca import sign_jwt_svid
 from controlplane.ca.manager import CAEvent, CAManager
 from controlplane.ca.svid import public_key_from_csr, sign_x509_svid
-from controlplane.config import K8sPsatSection, ServerConfig
+from controlplane.config import BundleEndpointSection, K8sPsatSection, ServerConfig
+from controlplane.federation.client import FetchLimits, fetch_bundle, web_context
+from controlplane.federation.endpoint import (
+    BundleDocument,
+    BundleEndpoint,
+    FileCredentials,
+    ServingCredentials,
+    SVIDCredentials,
+)
+from controlplane.federation.poller import BundlePoller
+from controlplane.federation.relationship import FederationRelationship
+from controlplane.federation.schedule import RefreshPolicy
 from controlplane.model import SERVER_DNS_NAME, server_id
 from controlplane.store import ChangeFeed, Store, sqlite_url
 from spiffecore import SpiffeBundle, SpiffeError, SpiffeID, TrustDomain
@@ -88,6 +100,18 @@ class Metrics:
         self.watch_streams = Gauge(
             "spiffe_server_watch_streams", "Open WatchEntries streams of agents on this server", registry=registry
         )
+        self.bundle_endpoint_requests = Counter(
+            "spiffe_server_bundle_endpoint_requests",
+            "Connections to the bundle endpoint by result (ok, or why it failed: tls_error, timeout, ...)",
+            ["result"],
+            registry=registry,
+        )
+        self.federation_fetches = Counter(
+            "spiffe_server_federation_fetches",
+            "Fetches of federated trust domains' bundles by result (success, failure)",
+            ["result"],
+            registry=registry,
+        )
 
     def expect_attestation_types(self, names: Iterable[str]) -> None:
         """Show a zero for every result of these types (and of unknown ones) before the first attestation."""
@@ -103,6 +127,12 @@ class Metrics:
 
     def watch_closed(self) -> None:
         self.watch_streams.dec()
+
+    def bundle_endpoint_request(self, result: str) -> None:
+        self.bundle_endpoint_requests.labels(result=result).inc()
+
+    def federation_fetch(self, result: str) -> None:
+        self.federation_fetches.labels(result=result).inc()
 
 
 class CASigner:
@@ -321,6 +351,7 @@ class Server:
         servers: list[grpc.aio.Server] = []
         feed: ChangeFeed | None = None
         hub: EntryHub | None = None
+        bundle_endpoint: BundleEndpoint | None = None
         # BatchNewX509SVID's CSR checks (cryptography releases the GIL while it verifies).
         csr_checks = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="csr-check")
         try:
@@ -394,10 +425,17 @@ class Server:
             )
             servers.append(agent_server)
 
+            poller = _federation_poller(config, store, on_change=hub.poke, metrics=self.metrics)
+            tasks.append(asyncio.create_task(poller.run(), name="federation-poller"))
             admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             registration_pb2_grpc.add_RegistrationAPIServicer_to_server(
                 RegistrationService(
-                    store=store, trust_domain=trust_domain, clock=utcnow, on_change=hub.poke, on_agent_change=hub.wake
+                    store=store,
+                    trust_domain=trust_domain,
+                    clock=utcnow,
+                    on_change=hub.poke,
+                    on_agent_change=hub.wake,
+                    federation=poller,
                 ),
                 admin_server,
             )
@@ -407,6 +445,11 @@ class Server:
 
             for server in servers:
                 await server.start()
+            if config.federation.bundle_endpoint is not None:
+                bundle_endpoint = _bundle_endpoint(
+                    config.federation.bundle_endpoint, identity=identity, hub=hub, metrics=self.metrics
+                )
+                await bundle_endpoint.start()
             if config.status is not None:
                 status_host, status_port = parse_host_port(config.status)
                 status = StatusServer(status_host, status_port, readiness=self.readiness, registry=self.registry)
@@ -449,6 +492,8 @@ class Server:
                 await stop.wait()
         finally:
             self.ready = False
+            if bundle_endpoint is not None:
+                await bundle_endpoint.close()
             if hub is not None:
                 await hub.close()
             for server in servers:
@@ -483,6 +528,37 @@ class Server:
             key_pem=key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
             roots=signer.roots(),
         )
+
+
+def _federation_poller(
+    config: ServerConfig, store: Store, *, on_change: Callable[[], None], metrics: Metrics
+) -> BundlePoller:
+    """The poller of federated bundles; the extra web roots are read now, so a bad file stops the start-up."""
+    section = config.federation
+    web = web_context(section.web_roots)
+    limits = FetchLimits(timeout=section.fetch_timeout.total_seconds())
+
+    def fetch(relationship: FederationRelationship, *, trusted: SpiffeBundle | None, now: datetime) -> SpiffeBundle:
+        return fetch_bundle(relationship, trusted=trusted, now=now, web=web, limits=limits)
+
+    policy = RefreshPolicy(min_interval=section.min_refresh_interval, max_interval=section.max_refresh_interval)
+    return BundlePoller(store=store, fetch=fetch, clock=utcnow, on_change=on_change, policy=policy, metrics=metrics)
+
+
+def _bundle_endpoint(
+    section: BundleEndpointSection, *, identity: RotatingCredentials, hub: EntryHub, metrics: Metrics
+) -> BundleEndpoint:
+    """The bundle endpoint: the server's SVID (following its renewals) or the configured files."""
+    credentials: ServingCredentials
+    if section.profile == "https_web":
+        assert section.cert is not None, "checked by the configuration"
+        assert section.key is not None, "checked by the configuration"
+        credentials = FileCredentials(section.cert, section.key)
+    else:
+        credentials = SVIDCredentials(lambda: (identity.current.chain, identity.current.key_pem))
+    host, port = parse_host_port(section.address)
+    document = BundleDocument(lambda: hub.bundle, refresh_hint=int(section.refresh_hint.total_seconds()))
+    return BundleEndpoint(host=host, port=port, credentials=credentials, document=document, metrics=metrics)
 
 
 def _prepare_admin_socket(path: Path) -> Path:

@@ -19,6 +19,7 @@ from controlplane.ca.config import CAConfig
 from controlplane.ca.keys import KeyType
 from spiffecore import SpiffeIDError, TrustDomain
 from spiffeops.config import Duration
+from spiffeops.status import parse_host_port
 
 DEFAULT_DATA_DIR: Final = Path(".spiffe-server")
 DEFAULT_BIND: Final = "127.0.0.1:8081"
@@ -104,6 +105,52 @@ class AttestorsSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BundleEndpointSection:
+    """This trust domain's SPIFFE bundle endpoint (off unless ``federation.bundle_endpoint`` is set)."""
+
+    # HOST:PORT to serve GET / on (port 0: any free port).
+    address: str
+    # https_spiffe: TLS with the server's own SVID (spiffe://<td>/spire/server), the ID the other
+    # side pins. https_web: TLS with cert and key (PEM files, re-read when they change).
+    profile: Literal["https_spiffe", "https_web"] = "https_spiffe"
+    cert: Path | None = None
+    key: Path | None = None
+    # spiffe_refresh_hint of the served bundle: how often other trust domains should fetch it.
+    refresh_hint: Duration = timedelta(minutes=5)
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.address)
+        if self.profile == "https_web" and (self.cert is None or self.key is None):
+            raise ValueError("the https_web profile needs cert and key")
+        if self.profile == "https_spiffe" and (self.cert is not None or self.key is not None):
+            raise ValueError("cert and key are for the https_web profile (https_spiffe serves the server's SVID)")
+        if not timedelta(seconds=1) <= self.refresh_hint <= timedelta(seconds=2**31 - 1):
+            raise ValueError("refresh_hint must be at least 1s")
+        if self.refresh_hint.microseconds:
+            raise ValueError("refresh_hint must be whole seconds")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationSection:
+    bundle_endpoint: BundleEndpointSection | None = None
+    # Bounds of how often a federated bundle is fetched (its refresh hint, or 5m without one).
+    min_refresh_interval: Duration = timedelta(minutes=1)
+    max_refresh_interval: Duration = timedelta(hours=1)
+    # One fetch, connection included, must finish within this.
+    fetch_timeout: Duration = timedelta(seconds=10)
+    # PEM CA certificates trusted for https_web bundle endpoints besides the system's roots.
+    web_roots: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_refresh_interval < timedelta(seconds=1):
+            raise ValueError("min_refresh_interval must be at least 1s")
+        if self.min_refresh_interval > self.max_refresh_interval:
+            raise ValueError("min_refresh_interval must not exceed max_refresh_interval")
+        if not timedelta(seconds=1) <= self.fetch_timeout <= timedelta(minutes=5):
+            raise ValueError("fetch_timeout must be from 1s to 5m")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     trust_domain: str
     data_dir: Path = DEFAULT_DATA_DIR
@@ -121,6 +168,7 @@ class ServerConfig:
     ca: CASection = field(default_factory=CASection)
     svid: SVIDSection = field(default_factory=SVIDSection)
     attestors: AttestorsSection = field(default_factory=AttestorsSection)
+    federation: FederationSection = field(default_factory=FederationSection)
 
     def __post_init__(self) -> None:
         try:

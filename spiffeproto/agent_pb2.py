@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from spiffeproto import types_pb2 as spiffeproto_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17spiffeproto/agent.proto\x12\x16spiffesidecar.agent.v1\x1a\x17spiffeproto/types.proto\"w\n\x12\x41ttestAgentRequest\x12;\n\x06params\x18\x01 \x01(\x0b\x32).spiffesidecar.agent.v1.AttestationParamsH\x00\x12\x1c\n\x12\x63hallenge_response\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04step\"?\n\x11\x41ttestationParams\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\"o\n\x13\x41ttestAgentResponse\x12\x13\n\tchallenge\x18\x01 \x01(\x0cH\x00\x12;\n\x06result\x18\x02 \x01(\x0b\x32).spiffesidecar.agent.v1.AttestationResultH\x00\x42\x06\n\x04step\"\x89\x01\n\x11\x41ttestationResult\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .spiffesidecar.types.v1.X509SVID\x12.\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x1e.spiffesidecar.types.v1.Bundle\x12\x14\n\x0c\x63\x61n_reattest\x18\x03 \x01(\x08\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"D\n\x12RenewAgentResponse\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .spiffesidecar.types.v1.X509SVID\"@\n\x13WatchEntriesRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\"\xc2\x01\n\x14WatchEntriesResponse\x12\x38\n\x08snapshot\x18\x01 \x01(\x0b\x32$.spiffesidecar.agent.v1.SnapshotPageH\x00\x12\x35\n\x06\x64\x65ltas\x18\x02 \x01(\x0b\x32#.spiffesidecar.agent.v1.EntryDeltasH\x00\x12\x30\n\x06\x62undle\x18\x03 \x01(\x0b\x32\x1e.spiffesidecar.types.v1.BundleH\x00\x42\x07\n\x05\x65vent\"^\n\x0cSnapshotPage\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.spiffesidecar.types.v1.Entry\x12\x0c\n\x04last\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04\"e\n\x0b\x45ntryDeltas\x12/\n\x08upserted\x18\x01 \x03(\x0b\x32\x1d.spiffesidecar.types.v1.Entry\x12\x13\n\x0bremoved_ids\x18\x02 \x03(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"T\n\x17\x42\x61tchNewX509SVIDRequest\x12\x39\n\x06params\x18\x01 \x03(\x0b\x32).spiffesidecar.agent.v1.NewX509SVIDParams\"2\n\x11NewX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"S\n\x18\x42\x61tchNewX509SVIDResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.spiffesidecar.agent.v1.X509SVIDResult\"k\n\x0eX509SVIDResult\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .spiffesidecar.types.v1.X509SVID\x12\x12\n\nerror_code\x18\x02 \x01(\x05\x12\x15\n\rerror_message\x18\x03 \x01(\t\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"J\n\x12NewJWTSVIDResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x12\n\x10GetBundleRequest\"C\n\x11GetBundleResponse\x12.\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x1e.spiffesidecar.types.v1.Bundle2\x86\x05\n\x08\x41gentAPI\x12j\n\x0b\x41ttestAgent\x12*.spiffesidecar.agent.v1.AttestAgentRequest\x1a+.spiffesidecar.agent.v1.AttestAgentResponse(\x01\x30\x01\x12\x63\n\nRenewAgent\x12).spiffesidecar.agent.v1.RenewAgentRequest\x1a*.spiffesidecar.agent.v1.RenewAgentResponse\x12k\n\x0cWatchEntries\x12+.spiffesidecar.agent.v1.WatchEntriesRequest\x1a,.spiffesidecar.agent.v1.WatchEntriesResponse0\x01\x12u\n\x10\x42\x61tchNewX509SVID\x12/.spiffesidecar.agent.v1.BatchNewX509SVIDRequest\x1a\x30.spiffesidecar.agent.v1.BatchNewX509SVIDResponse\x12\x63\n\nNewJWTSVID\x12).spiffesidecar.agent.v1.NewJWTSVIDRequest\x1a*.spiffesidecar.agent.v1.NewJWTSVIDResponse\x12`\n\tGetBundle\x12(.spiffesidecar.agent.v1.GetBundleRequest\x1a).spiffesidecar.agent.v1.GetBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17spiffeproto/agent.proto\x12\x16spiffesidecar.agent.v1\x1a\x17spiffeproto/types.proto\"w\n\x12\x41ttestAgentRequest\x12;\n\x06params\x18\x01 \x01(\x0b\x32).spiffesidecar.agent.v1.AttestationParamsH\x00\x12\x1c\n\x12\x63hallenge_response\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04step\"?\n\x11\x41ttestationParams\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\"o\n\x13\x41ttestAgentResponse\x12\x13\n\tchallenge\x18\x01 \x01(\x0cH\x00\x12;\n\x06result\x18\x02 \x01(\x0b\x32).spiffesidecar.agent.v1.AttestationResultH\x00\x42\x06\n\x04step\"\x89\x01\n\x11\x41ttestationResult\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .spiffesidecar.types.v1.X509SVID\x12.\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x1e.spiffesidecar.types.v1.Bundle\x12\x14\n\x0c\x63\x61n_reattest\x18\x03 \x01(\x08\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"D\n\x12RenewAgentResponse\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .spiffesidecar.types.v1.X509SVID\"@\n\x13WatchEntriesRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\"\x89\x02\n\x14WatchEntriesResponse\x12\x38\n\x08snapshot\x18\x01 \x01(\x0b\x32$.spiffesidecar.agent.v1.SnapshotPageH\x00\x12\x35\n\x06\x64\x65ltas\x18\x02 \x01(\x0b\x32#.spiffesidecar.agent.v1.EntryDeltasH\x00\x12\x30\n\x06\x62undle\x18\x03 \x01(\x0b\x32\x1e.spiffesidecar.types.v1.BundleH\x00\x12\x45\n\x11\x66\x65\x64\x65rated_bundles\x18\x04 \x01(\x0b\x32(.spiffesidecar.agent.v1.FederatedBundlesH\x00\x42\x07\n\x05\x65vent\"C\n\x10\x46\x65\x64\x65ratedBundles\x12/\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x1e.spiffesidecar.types.v1.Bundle\"^\n\x0cSnapshotPage\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.spiffesidecar.types.v1.Entry\x12\x0c\n\x04last\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04\"e\n\x0b\x45ntryDeltas\x12/\n\x08upserted\x18\x01 \x03(\x0b\x32\x1d.spiffesidecar.types.v1.Entry\x12\x13\n\x0bremoved_ids\x18\x02 \x03(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"T\n\x17\x42\x61tchNewX509SVIDRequest\x12\x39\n\x06params\x18\x01 \x03(\x0b\x32).spiffesidecar.agent.v1.NewX509SVIDParams\"2\n\x11NewX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"S\n\x18\x42\x61tchNewX509SVIDResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.spiffesidecar.agent.v1.X509SVIDResult\"k\n\x0eX509SVIDResult\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .spiffesidecar.types.v1.X509SVID\x12\x12\n\nerror_code\x18\x02 \x01(\x05\x12\x15\n\rerror_message\x18\x03 \x01(\t\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"J\n\x12NewJWTSVIDResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x12\n\x10GetBundleRequest\"C\n\x11GetBundleResponse\x12.\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x1e.spiffesidecar.types.v1.Bundle2\x86\x05\n\x08\x41gentAPI\x12j\n\x0b\x41ttestAgent\x12*.spiffesidecar.agent.v1.AttestAgentRequest\x1a+.spiffesidecar.agent.v1.AttestAgentResponse(\x01\x30\x01\x12\x63\n\nRenewAgent\x12).spiffesidecar.agent.v1.RenewAgentRequest\x1a*.spiffesidecar.agent.v1.RenewAgentResponse\x12k\n\x0cWatchEntries\x12+.spiffesidecar.agent.v1.WatchEntriesRequest\x1a,.spiffesidecar.agent.v1.WatchEntriesResponse0\x01\x12u\n\x10\x42\x61tchNewX509SVID\x12/.spiffesidecar.agent.v1.BatchNewX509SVIDRequest\x1a\x30.spiffesidecar.agent.v1.BatchNewX509SVIDResponse\x12\x63\n\nNewJWTSVID\x12).spiffesidecar.agent.v1.NewJWTSVIDRequest\x1a*.spiffesidecar.agent.v1.NewJWTSVIDResponse\x12`\n\tGetBundle\x12(.spiffesidecar.agent.v1.GetBundleRequest\x1a).spiffesidecar.agent.v1.GetBundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,27 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHENTRIESREQUEST']._serialized_start=619
   _globals['_WATCHENTRIESREQUEST']._serialized_end=683
   _globals['_WATCHENTRIESRESPONSE']._serialized_start=686
-  _globals['_WATCHENTRIESRESPONSE']._serialized_end=880
-  _globals['_SNAPSHOTPAGE']._serialized_start=882
-  _globals['_SNAPSHOTPAGE']._serialized_end=976
-  _globals['_ENTRYDELTAS']._serialized_start=978
-  _globals['_ENTRYDELTAS']._serialized_end=1079
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1081
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1165
-  _globals['_NEWX509SVIDPARAMS']._serialized_start=1167
-  _globals['_NEWX509SVIDPARAMS']._serialized_end=1217
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1219
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1302
-  _globals['_X509SVIDRESULT']._serialized_start=1304
-  _globals['_X509SVIDRESULT']._serialized_end=1411
-  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1413
-  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1468
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1470
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1544
-  _globals['_GETBUNDLEREQUEST']._serialized_start=1546
-  _globals['_GETBUNDLEREQUEST']._serialized_end=1564
-  _globals['_GETBUNDLERESPONSE']._serialized_start=1566
-  _globals['_GETBUNDLERESPONSE']._serialized_end=1633
-  _globals['_AGENTAPI']._serialized_start=1636
-  _globals['_AGENTAPI']._serialized_end=2282
+  _globals['_WATCHENTRIESRESPONSE']._serialized_end=951
+  _globals['_FEDERATEDBUNDLES']._serialized_start=953
+  _globals['_FEDERATEDBUNDLES']._serialized_end=1020
+  _globals['_SNAPSHOTPAGE']._serialized_start=1022
+  _globals['_SNAPSHOTPAGE']._serialized_end=1116
+  _globals['_ENTRYDELTAS']._serialized_start=1118
+  _globals['_ENTRYDELTAS']._serialized_end=1219
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1221
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1305
+  _globals['_NEWX509SVIDPARAMS']._serialized_start=1307
+  _globals['_NEWX509SVIDPARAMS']._serialized_end=1357
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1359
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1442
+  _globals['_X509SVIDRESULT']._serialized_start=1444
+  _globals['_X509SVIDRESULT']._serialized_end=1551
+  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1553
+  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1608
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1610
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1684
+  _globals['_GETBUNDLEREQUEST']._serialized_start=1686
+  _globals['_GETBUNDLEREQUEST']._serialized_end=1704
+  _globals['_GETBUNDLERESPONSE']._serialized_start=1706
+  _globals['_GETBUNDLERESPONSE']._serialized_end=1773
+  _globals['_AGENTAPI']._serialized_start=1776
+  _globals['_AGENTAPI']._serialized_end=2422
 # @@protoc_insertion_point(module_scope)

@@ -205,28 +205,58 @@ class WatchEntriesResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     DELTAS_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
+    FEDERATED_BUNDLES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def snapshot(self) -> Global___SnapshotPage: ...
     @_builtins.property
     def deltas(self) -> Global___EntryDeltas: ...
     @_builtins.property
     def bundle(self) -> _types_pb2.Bundle: ...
+    @_builtins.property
+    def federated_bundles(self) -> Global___FederatedBundles: ...
     def __init__(
         self,
         *,
         snapshot: Global___SnapshotPage | None = ...,
         deltas: Global___EntryDeltas | None = ...,
         bundle: _types_pb2.Bundle | None = ...,
+        federated_bundles: Global___FederatedBundles | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "deltas", b"deltas", "event", b"event", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "deltas", b"deltas", "event", b"event", "federated_bundles", b"federated_bundles", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "deltas", b"deltas", "event", b"event", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "deltas", b"deltas", "event", b"event", "federated_bundles", b"federated_bundles", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "deltas", "bundle"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "deltas", "bundle", "federated_bundles"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___WatchEntriesResponse: _TypeAlias = WatchEntriesResponse  # noqa: Y015
+
+@_typing.final
+class FederatedBundles(_message.Message):
+    """Every foreign bundle the agent may hand out: those of the trust domains that some entry
+    authorized for it federates with, and that the server has a bundle of. Each message replaces
+    the whole set (a trust domain missing from it is no longer trusted); the first comes before the
+    snapshot's first page.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bundles(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Bundle]: ...
+    def __init__(
+        self,
+        *,
+        bundles: _abc.Iterable[_types_pb2.Bundle] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederatedBundles: _TypeAlias = FederatedBundles  # noqa: Y015
 
 @_typing.final
 class SnapshotPage(_message.Message):

@@ -86,7 +86,8 @@ class AgentAPIServicer:
 
     def WatchEntries(self, request, context):
         """The entries authorized for this agent: a snapshot in pages, then deltas the moment entries
-        change, and the trust bundle whenever it changes. The stream never ends on its own.
+        change, the trust bundle whenever it changes, and the bundles of the federated trust domains
+        the agent's entries federate with whenever that set changes. The stream never ends on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

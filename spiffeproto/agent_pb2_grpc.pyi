@@ -47,7 +47,8 @@ class AgentAPIStub:
     """A new agent SVID for the same agent, from a CSR, before the current one expires."""
     WatchEntries: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchEntriesRequest, _agent_pb2.WatchEntriesResponse]
     """The entries authorized for this agent: a snapshot in pages, then deltas the moment entries
-    change, and the trust bundle whenever it changes. The stream never ends on its own.
+    change, the trust bundle whenever it changes, and the bundles of the federated trust domains
+    the agent's entries federate with whenever that set changes. The stream never ends on its own.
     """
     BatchNewX509SVID: _grpc.UnaryUnaryMultiCallable[_agent_pb2.BatchNewX509SVIDRequest, _agent_pb2.BatchNewX509SVIDResponse]
     """X.509-SVIDs for entries authorized for this agent, one per CSR."""
@@ -67,7 +68,8 @@ class AgentAPIAsyncStub(AgentAPIStub):
     """A new agent SVID for the same agent, from a CSR, before the current one expires."""
     WatchEntries: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchEntriesRequest, _agent_pb2.WatchEntriesResponse]  # type: ignore[assignment]
     """The entries authorized for this agent: a snapshot in pages, then deltas the moment entries
-    change, and the trust bundle whenever it changes. The stream never ends on its own.
+    change, the trust bundle whenever it changes, and the bundles of the federated trust domains
+    the agent's entries federate with whenever that set changes. The stream never ends on its own.
     """
     BatchNewX509SVID: _aio.UnaryUnaryMultiCallable[_agent_pb2.BatchNewX509SVIDRequest, _agent_pb2.BatchNewX509SVIDResponse]  # type: ignore[assignment]
     """X.509-SVIDs for entries authorized for this agent, one per CSR."""
@@ -102,7 +104,8 @@ class AgentAPIServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchEntriesResponse], _abc.AsyncIterator[_agent_pb2.WatchEntriesResponse]]:
         """The entries authorized for this agent: a snapshot in pages, then deltas the moment entries
-        change, and the trust bundle whenever it changes. The stream never ends on its own.
+        change, the trust bundle whenever it changes, and the bundles of the federated trust domains
+        the agent's entries federate with whenever that set changes. The stream never ends on its own.
         """
 
     @_abc_1.abstractmethod

@@ -95,6 +95,31 @@ class RegistrationAPIStub:
                 request_serializer=spiffeproto_dot_registration__pb2.AgentRequest.SerializeToString,
                 response_deserializer=spiffeproto_dot_types__pb2.Agent.FromString,
                 _registered_method=True)
+        self.CreateFederationRelationship = channel.unary_unary(
+                '/spiffesidecar.registration.v1.RegistrationAPI/CreateFederationRelationship',
+                request_serializer=spiffeproto_dot_registration__pb2.CreateFederationRelationshipRequest.SerializeToString,
+                response_deserializer=spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.ListFederationRelationships = channel.unary_stream(
+                '/spiffesidecar.registration.v1.RegistrationAPI/ListFederationRelationships',
+                request_serializer=spiffeproto_dot_registration__pb2.ListFederationRelationshipsRequest.SerializeToString,
+                response_deserializer=spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.GetFederationRelationship = channel.unary_unary(
+                '/spiffesidecar.registration.v1.RegistrationAPI/GetFederationRelationship',
+                request_serializer=spiffeproto_dot_registration__pb2.FederationRelationshipRequest.SerializeToString,
+                response_deserializer=spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.DeleteFederationRelationship = channel.unary_unary(
+                '/spiffesidecar.registration.v1.RegistrationAPI/DeleteFederationRelationship',
+                request_serializer=spiffeproto_dot_registration__pb2.FederationRelationshipRequest.SerializeToString,
+                response_deserializer=spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.RefreshFederatedBundle = channel.unary_unary(
+                '/spiffesidecar.registration.v1.RegistrationAPI/RefreshFederatedBundle',
+                request_serializer=spiffeproto_dot_registration__pb2.FederationRelationshipRequest.SerializeToString,
+                response_deserializer=spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+                _registered_method=True)
 
 
 class RegistrationAPIServicer:
@@ -176,6 +201,42 @@ class RegistrationAPIServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateFederationRelationship(self, request, context):
+        """Federates with another trust domain. https_spiffe needs endpoint_spiffe_id and the foreign
+        trust domain's bundle (trust_domain_bundle); https_web may carry an initial bundle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederationRelationships(self, request, context):
+        """Every relationship, ordered by trust domain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederationRelationship(self, request, context):
+        """Deletes the relationship and its bundle: agents stop receiving that bundle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshFederatedBundle(self, request, context):
+        """Fetches the relationship's bundle now (accepting a lower sequence number than the stored
+        one's); fails with the reason if the fetch fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistrationAPIServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +299,31 @@ def add_RegistrationAPIServicer_to_server(servicer, server):
                     servicer.BanAgent,
                     request_deserializer=spiffeproto_dot_registration__pb2.AgentRequest.FromString,
                     response_serializer=spiffeproto_dot_types__pb2.Agent.SerializeToString,
+            ),
+            'CreateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederationRelationship,
+                    request_deserializer=spiffeproto_dot_registration__pb2.CreateFederationRelationshipRequest.FromString,
+                    response_serializer=spiffeproto_dot_types__pb2.FederationRelationship.SerializeToString,
+            ),
+            'ListFederationRelationships': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListFederationRelationships,
+                    request_deserializer=spiffeproto_dot_registration__pb2.ListFederationRelationshipsRequest.FromString,
+                    response_serializer=spiffeproto_dot_types__pb2.FederationRelationship.SerializeToString,
+            ),
+            'GetFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederationRelationship,
+                    request_deserializer=spiffeproto_dot_registration__pb2.FederationRelationshipRequest.FromString,
+                    response_serializer=spiffeproto_dot_types__pb2.FederationRelationship.SerializeToString,
+            ),
+            'DeleteFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederationRelationship,
+                    request_deserializer=spiffeproto_dot_registration__pb2.FederationRelationshipRequest.FromString,
+                    response_serializer=spiffeproto_dot_types__pb2.FederationRelationship.SerializeToString,
+            ),
+            'RefreshFederatedBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshFederatedBundle,
+                    request_deserializer=spiffeproto_dot_registration__pb2.FederationRelationshipRequest.FromString,
+                    response_serializer=spiffeproto_dot_types__pb2.FederationRelationship.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +650,141 @@ class RegistrationAPI:
             '/spiffesidecar.registration.v1.RegistrationAPI/BanAgent',
             spiffeproto_dot_registration__pb2.AgentRequest.SerializeToString,
             spiffeproto_dot_types__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spiffesidecar.registration.v1.RegistrationAPI/CreateFederationRelationship',
+            spiffeproto_dot_registration__pb2.CreateFederationRelationshipRequest.SerializeToString,
+            spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederationRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spiffesidecar.registration.v1.RegistrationAPI/ListFederationRelationships',
+            spiffeproto_dot_registration__pb2.ListFederationRelationshipsRequest.SerializeToString,
+            spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spiffesidecar.registration.v1.RegistrationAPI/GetFederationRelationship',
+            spiffeproto_dot_registration__pb2.FederationRelationshipRequest.SerializeToString,
+            spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spiffesidecar.registration.v1.RegistrationAPI/DeleteFederationRelationship',
+            spiffeproto_dot_registration__pb2.FederationRelationshipRequest.SerializeToString,
+            spiffeproto_dot_types__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshFederatedBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spiffesidecar.registration.v1.RegistrationAPI/RefreshFederatedBundle',
+            spiffeproto_dot_registration__pb2.FederationRelationshipRequest.SerializeToString,
+            spiffeproto_dot_types__pb2.FederationRelationship.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,19 @@ class RegistrationAPIStub:
     """Deletes the agent: it must attest again (a join token cannot be reused)."""
     BanAgent: _grpc.UnaryUnaryMultiCallable[_registration_pb2.AgentRequest, _types_pb2.Agent]
     """Refuses the agent every further RPC until it is evicted."""
+    CreateFederationRelationship: _grpc.UnaryUnaryMultiCallable[_registration_pb2.CreateFederationRelationshipRequest, _types_pb2.FederationRelationship]
+    """Federates with another trust domain. https_spiffe needs endpoint_spiffe_id and the foreign
+    trust domain's bundle (trust_domain_bundle); https_web may carry an initial bundle.
+    """
+    ListFederationRelationships: _grpc.UnaryStreamMultiCallable[_registration_pb2.ListFederationRelationshipsRequest, _types_pb2.FederationRelationship]
+    """Every relationship, ordered by trust domain."""
+    GetFederationRelationship: _grpc.UnaryUnaryMultiCallable[_registration_pb2.FederationRelationshipRequest, _types_pb2.FederationRelationship]
+    DeleteFederationRelationship: _grpc.UnaryUnaryMultiCallable[_registration_pb2.FederationRelationshipRequest, _types_pb2.FederationRelationship]
+    """Deletes the relationship and its bundle: agents stop receiving that bundle."""
+    RefreshFederatedBundle: _grpc.UnaryUnaryMultiCallable[_registration_pb2.FederationRelationshipRequest, _types_pb2.FederationRelationship]
+    """Fetches the relationship's bundle now (accepting a lower sequence number than the stored
+    one's); fails with the reason if the fetch fails.
+    """
 
 @_typing.type_check_only
 class RegistrationAPIAsyncStub(RegistrationAPIStub):
@@ -68,6 +81,19 @@ class RegistrationAPIAsyncStub(RegistrationAPIStub):
     """Deletes the agent: it must attest again (a join token cannot be reused)."""
     BanAgent: _aio.UnaryUnaryMultiCallable[_registration_pb2.AgentRequest, _types_pb2.Agent]  # type: ignore[assignment]
     """Refuses the agent every further RPC until it is evicted."""
+    CreateFederationRelationship: _aio.UnaryUnaryMultiCallable[_registration_pb2.CreateFederationRelationshipRequest, _types_pb2.FederationRelationship]  # type: ignore[assignment]
+    """Federates with another trust domain. https_spiffe needs endpoint_spiffe_id and the foreign
+    trust domain's bundle (trust_domain_bundle); https_web may carry an initial bundle.
+    """
+    ListFederationRelationships: _aio.UnaryStreamMultiCallable[_registration_pb2.ListFederationRelationshipsRequest, _types_pb2.FederationRelationship]  # type: ignore[assignment]
+    """Every relationship, ordered by trust domain."""
+    GetFederationRelationship: _aio.UnaryUnaryMultiCallable[_registration_pb2.FederationRelationshipRequest, _types_pb2.FederationRelationship]  # type: ignore[assignment]
+    DeleteFederationRelationship: _aio.UnaryUnaryMultiCallable[_registration_pb2.FederationRelationshipRequest, _types_pb2.FederationRelationship]  # type: ignore[assignment]
+    """Deletes the relationship and its bundle: agents stop receiving that bundle."""
+    RefreshFederatedBundle: _aio.UnaryUnaryMultiCallable[_registration_pb2.FederationRelationshipRequest, _types_pb2.FederationRelationship]  # type: ignore[assignment]
+    """Fetches the relationship's bundle now (accepting a lower sequence number than the stored
+    one's); fails with the reason if the fetch fails.
+    """
 
 class RegistrationAPIServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -157,5 +183,48 @@ class RegistrationAPIServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Agent, _abc.Awaitable[_types_pb2.Agent]]:
         """Refuses the agent every further RPC until it is evicted."""
+
+    @_abc_1.abstractmethod
+    def CreateFederationRelationship(
+        self,
+        request: _registration_pb2.CreateFederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.FederationRelationship, _abc.Awaitable[_types_pb2.FederationRelationship]]:
+        """Federates with another trust domain. https_spiffe needs endpoint_spiffe_id and the foreign
+        trust domain's bundle (trust_domain_bundle); https_web may carry an initial bundle.
+        """
+
+    @_abc_1.abstractmethod
+    def ListFederationRelationships(
+        self,
+        request: _registration_pb2.ListFederationRelationshipsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_types_pb2.FederationRelationship], _abc.AsyncIterator[_types_pb2.FederationRelationship]]:
+        """Every relationship, ordered by trust domain."""
+
+    @_abc_1.abstractmethod
+    def GetFederationRelationship(
+        self,
+        request: _registration_pb2.FederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.FederationRelationship, _abc.Awaitable[_types_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteFederationRelationship(
+        self,
+        request: _registration_pb2.FederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.FederationRelationship, _abc.Awaitable[_types_pb2.FederationRelationship]]:
+        """Deletes the relationship and its bundle: agents stop receiving that bundle."""
+
+    @_abc_1.abstractmethod
+    def RefreshFederatedBundle(
+        self,
+        request: _registration_pb2.FederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.FederationRelationship, _abc.Awaitable[_types_pb2.FederationRelationship]]:
+        """Fetches the relationship's bundle now (accepting a lower sequence number than the stored
+        one's); fails with the reason if the fetch fails.
+        """
 
 def add_RegistrationAPIServicer_to_server(servicer: RegistrationAPIServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

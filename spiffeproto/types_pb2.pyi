@@ -210,3 +210,57 @@ class X509SVID(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___X509SVID: _TypeAlias = X509SVID  # noqa: Y015
+
+@_typing.final
+class FederationRelationship(_message.Message):
+    """A federation relationship: this trust domain fetches the bundle of trust_domain from its
+    bundle endpoint and gives it to workloads whose entries federate with that trust domain.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    BUNDLE_ENDPOINT_PROFILE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_BUNDLE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    REFRESHED_AT_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_endpoint_url: _builtins.str
+    bundle_endpoint_profile: _builtins.str
+    """"https_web" or "https_spiffe"."""
+    endpoint_spiffe_id: _builtins.str
+    """https_spiffe only: the SPIFFE ID the bundle endpoint presents."""
+    created_at: _builtins.int
+    """Unix seconds; 0 means never."""
+    refreshed_at: _builtins.int
+    last_attempt_at: _builtins.int
+    last_error: _builtins.str
+    """Why the last fetch failed; empty when it did not."""
+    @_builtins.property
+    def trust_domain_bundle(self) -> Global___Bundle:
+        """The foreign trust domain's bundle as last stored (when creating: the bootstrap bundle)."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_endpoint_url: _builtins.str = ...,
+        bundle_endpoint_profile: _builtins.str = ...,
+        endpoint_spiffe_id: _builtins.str = ...,
+        trust_domain_bundle: Global___Bundle | None = ...,
+        created_at: _builtins.int = ...,
+        refreshed_at: _builtins.int = ...,
+        last_attempt_at: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trust_domain_bundle", b"trust_domain_bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_endpoint_profile", b"bundle_endpoint_profile", "bundle_endpoint_url", b"bundle_endpoint_url", "created_at", b"created_at", "endpoint_spiffe_id", b"endpoint_spiffe_id", "last_attempt_at", b"last_attempt_at", "last_error", b"last_error", "refreshed_at", b"refreshed_at", "trust_domain", b"trust_domain", "trust_domain_bundle", b"trust_domain_bundle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationRelationship: _TypeAlias = FederationRelationship  # noqa: Y015

@@ -13,8 +13,16 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from controlplane.federation.relationship import (
+    BundleEndpointProfile,
+    FederationError,
+    FederationRelationship,
+    FederationStatus,
+    parse_endpoint_id,
+    parse_trust_domain,
+)
 from controlplane.model import AttestedAgent, ModelError, RegistrationEntry, Selector, parse_spiffe_id
-from spiffecore import SpiffeBundle, SpiffeIDError, TrustDomain
+from spiffecore import SpiffeBundle, SpiffeError, SpiffeIDError, TrustDomain
 from spiffeproto import types_pb2
 
 
@@ -120,3 +128,45 @@ def x509_svid_to_proto(spiffe_id: str, chain: Iterable[x509.Certificate]) -> typ
         cert_chain=[cert.public_bytes(Encoding.DER) for cert in certificates],
         expires_at=to_unix(certificates[0].not_valid_after_utc),
     )
+
+
+def federation_to_proto(status: FederationStatus) -> types_pb2.FederationRelationship:
+    relationship = status.relationship
+    message = types_pb2.FederationRelationship(
+        trust_domain=relationship.trust_domain.name,
+        bundle_endpoint_url=relationship.bundle_endpoint_url,
+        bundle_endpoint_profile=relationship.profile.value,
+        endpoint_spiffe_id="" if relationship.endpoint_spiffe_id is None else str(relationship.endpoint_spiffe_id),
+        created_at=to_unix(relationship.created_at),
+        refreshed_at=to_unix(status.refreshed_at),
+        last_attempt_at=to_unix(status.last_attempt_at),
+        last_error=status.last_error,
+    )
+    if status.bundle is not None:
+        message.trust_domain_bundle.CopyFrom(bundle_to_proto(status.bundle))
+    return message
+
+
+def federation_from_proto(
+    message: types_pb2.FederationRelationship,
+) -> tuple[FederationRelationship, SpiffeBundle | None]:
+    """The relationship and the bundle given with it (None when none was)."""
+    trust_domain = parse_trust_domain(message.trust_domain)
+    relationship = FederationRelationship(
+        trust_domain=trust_domain,
+        bundle_endpoint_url=message.bundle_endpoint_url,
+        profile=BundleEndpointProfile.parse(message.bundle_endpoint_profile),
+        endpoint_spiffe_id=parse_endpoint_id(message.endpoint_spiffe_id) if message.endpoint_spiffe_id else None,
+    )
+    bundle = None
+    if message.HasField("trust_domain_bundle"):
+        given = message.trust_domain_bundle
+        if given.trust_domain and given.trust_domain != trust_domain.name:
+            raise FederationError(
+                f"the bundle given is of {given.trust_domain}, not of the federated trust domain", trust_domain.name
+            )
+        try:
+            bundle = SpiffeBundle.parse(trust_domain, given.spiffe_bundle)
+        except SpiffeError as err:
+            raise FederationError(f"the bundle given does not parse ({err})", trust_domain.name) from err
+    return relationship, bundle

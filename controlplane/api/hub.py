@@ -4,7 +4,8 @@ One refresher task per server reads the store's entry events after the last revi
 seen and applies them to an :class:`~controlplane.authorized.EntryIndex`, then wakes every watch
 stream. It runs when poked (after a write on this server, or a database notification of a write
 on another) and at least every ``recheck`` interval, so a lost notification delays a change by
-that interval at most. The trust bundle is followed the same way, by its sequence number.
+that interval at most. The trust bundle is followed the same way, by its sequence number, and
+the bundles of federated trust domains by the store's federation revision.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Final
 
 from controlplane.authorized import EntryIndex
@@ -27,7 +30,11 @@ log = logging.getLogger(__name__)
 
 
 class EntryHub:
-    """Keeps :attr:`index` and :attr:`bundle` current; watchers await :meth:`changed`."""
+    """Keeps :attr:`index`, :attr:`bundle` and :attr:`federated` current; watchers await :meth:`changed`.
+
+    :attr:`federated` maps each federated trust domain with a known bundle to it; the mapping and
+    its bundles are replaced, never changed, so a watcher can tell a change by identity.
+    """
 
     def __init__(self, store: Store, trust_domain: TrustDomain, *, recheck: timedelta = DEFAULT_RECHECK) -> None:
         self._store = store
@@ -36,6 +43,8 @@ class EntryHub:
         self.index = EntryIndex()
         self.revision = 0
         self.bundle: SpiffeBundle | None = None
+        self.federated: Mapping[TrustDomain, SpiffeBundle] = MappingProxyType({})
+        self.federation_revision = -1
         self.generation = 0
         self._poked = asyncio.Event()
         self._woken = False
@@ -49,6 +58,7 @@ class EntryHub:
         index, revision = await asyncio.to_thread(self._load_all)
         self.index, self.revision = index, revision
         self.bundle = await asyncio.to_thread(self._store.get_bundle, self._trust_domain)
+        await self._load_federated()
         self._loop = asyncio.get_running_loop()
         self.ready.set()
 
@@ -120,11 +130,25 @@ class EntryHub:
             changed = True
             if len(events) < PAGE:
                 break
-        sequence = await asyncio.to_thread(self._store.bundle_sequence)
-        if self.bundle is None or sequence != (self.bundle.sequence or 0):
+        version = await asyncio.to_thread(self._store.version)
+        if self.bundle is None or version.bundle_sequence != (self.bundle.sequence or 0):
             self.bundle = await asyncio.to_thread(self._store.get_bundle, self._trust_domain)
             changed = True
+        if version.federation_revision != self.federation_revision:
+            changed = await self._load_federated() or changed
         return changed
+
+    async def _load_federated(self) -> bool:
+        """Read the federated bundles; keep the objects of those that did not change. Whether any did."""
+        revision = await asyncio.to_thread(self._store.federation_revision)
+        loaded = await asyncio.to_thread(self._store.federated_bundles)
+        previous = self.federated
+        kept = {td: previous[td] if previous.get(td) == bundle else bundle for td, bundle in loaded.items()}
+        self.federation_revision = revision
+        if kept.keys() == previous.keys() and all(kept[td] is previous[td] for td in kept):
+            return False
+        self.federated = MappingProxyType(kept)
+        return True
 
     async def changed(self, seen: int) -> int:
         """Wait until the generation moves past ``seen``; return the new generation.

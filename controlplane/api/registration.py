@@ -1,9 +1,11 @@
-"""The registration API: what ``spiffe-server entry|token|bundle|agent ...`` talk to.
+"""The registration API: what ``spiffe-server entry|token|bundle|agent|federation ...`` talk to.
 
 Served on a unix socket in a 0700 directory: whoever can reach the socket administers the trust
 domain. Every store call runs in a worker thread; every write pokes the entry hub, so agents
 connected to this server hear of the change at once (other servers hear of it through the
-database's notifications).
+database's notifications). Federation relationships are checked against this server's trust
+domain (a trust domain does not federate with itself) and the profile's rules; creating or
+deleting one pokes the federation poller too, and refreshing one runs the poller's fetch now.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import grpc
 
@@ -21,11 +23,14 @@ from controlplane.api.convert import (
     bundle_to_proto,
     entry_from_proto,
     entry_to_proto,
+    federation_from_proto,
+    federation_to_proto,
     selector_from_proto,
     to_unix,
 )
 from controlplane.api.status import abort_with
 from controlplane.attest.join_token import NAME as JOIN_TOKEN
+from controlplane.federation.relationship import FederationStatus, parse_trust_domain
 from controlplane.model import JoinToken, ModelError, RegistrationEntry, Selector, agent_id, parse_spiffe_id, server_id
 from controlplane.store import Store
 from spiffecore import SpiffeError, TrustDomain
@@ -39,6 +44,18 @@ Context = grpc.aio.ServicerContext[object, object]
 T = TypeVar("T")
 
 
+class FederationControl(Protocol):
+    """The federation poller, as the registration API drives it."""
+
+    def poke(self) -> None:
+        """Relationships changed: re-read them now."""
+        ...
+
+    async def refresh(self, trust_domain: TrustDomain) -> FederationStatus:
+        """Fetch the relationship's bundle now; the relationship as stored afterwards."""
+        ...
+
+
 class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
     """The administrators' API over the store."""
 
@@ -50,6 +67,7 @@ class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
         clock: Callable[[], datetime],
         on_change: Callable[[], None],
         on_agent_change: Callable[[], None] | None = None,
+        federation: FederationControl | None = None,
     ) -> None:
         self._store = store
         self._trust_domain = trust_domain
@@ -57,6 +75,7 @@ class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
         self._on_change = on_change
         # Evictions and bans change no entry; open watches must still hear of them to end.
         self._on_agent_change = on_agent_change or on_change
+        self._federation = federation
 
     async def _run(self, context: Context, call: Callable[..., T], *args: object) -> T:
         """Run a store call in a thread; our errors end the RPC with their status."""
@@ -197,3 +216,61 @@ class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
         agent = await self._agent_call(context, self._store.ban_agent, request.spiffe_id)
         self._on_agent_change()
         return agent_to_proto(agent)
+
+    async def CreateFederationRelationship(  # noqa: N802
+        self, request: registration_pb2.CreateFederationRelationshipRequest, context: Context
+    ) -> types_pb2.FederationRelationship:
+        try:
+            relationship, bundle = federation_from_proto(request.relationship)
+            relationship.check_for(self._trust_domain, bundle)
+        except SpiffeError as err:
+            await abort_with(context, err)
+        created = await self._run(
+            context, lambda: self._store.create_federation_relationship(relationship, bundle, at=self._clock())
+        )
+        self._federation_changed()
+        return federation_to_proto(created)
+
+    async def ListFederationRelationships(  # noqa: N802
+        self, request: registration_pb2.ListFederationRelationshipsRequest, context: Context
+    ) -> AsyncIterator[types_pb2.FederationRelationship]:
+        for status in await self._run(context, self._store.list_federation_relationships):
+            yield federation_to_proto(status)
+
+    async def GetFederationRelationship(  # noqa: N802
+        self, request: registration_pb2.FederationRelationshipRequest, context: Context
+    ) -> types_pb2.FederationRelationship:
+        trust_domain = await self._federated_domain(context, request.trust_domain)
+        return federation_to_proto(await self._run(context, self._store.get_federation_relationship, trust_domain))
+
+    async def DeleteFederationRelationship(  # noqa: N802
+        self, request: registration_pb2.FederationRelationshipRequest, context: Context
+    ) -> types_pb2.FederationRelationship:
+        trust_domain = await self._federated_domain(context, request.trust_domain)
+        deleted = await self._run(context, self._store.delete_federation_relationship, trust_domain)
+        self._federation_changed()
+        return federation_to_proto(deleted)
+
+    async def RefreshFederatedBundle(  # noqa: N802
+        self, request: registration_pb2.FederationRelationshipRequest, context: Context
+    ) -> types_pb2.FederationRelationship:
+        trust_domain = await self._federated_domain(context, request.trust_domain)
+        if self._federation is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "federation: this server does not fetch bundles")
+        try:
+            refreshed = await self._federation.refresh(trust_domain)
+        except SpiffeError as err:
+            await abort_with(context, err)
+        self._on_change()
+        return federation_to_proto(refreshed)
+
+    async def _federated_domain(self, context: Context, text: str) -> TrustDomain:
+        try:
+            return parse_trust_domain(text)
+        except SpiffeError as err:
+            await abort_with(context, err)
+
+    def _federation_changed(self) -> None:
+        self._on_change()
+        if self._federation is not None:
+            self._federation.poke()

@@ -15,10 +15,13 @@ import grpc
 
 from controlplane.attest.base import AttestationError
 from controlplane.ca.errors import CAError
+from controlplane.federation.client import BundleFetchError
+from controlplane.federation.relationship import FederationError
 from controlplane.model import ModelError
 from controlplane.store.errors import (
     EntryExistsError,
     EventsPrunedError,
+    FederationExistsError,
     JoinTokenError,
     NotFoundError,
     StoreError,
@@ -29,6 +32,9 @@ STATUS_FOR: Final[Mapping[type[SpiffeError], grpc.StatusCode]] = MappingProxyTyp
     {
         ModelError: grpc.StatusCode.INVALID_ARGUMENT,
         EntryExistsError: grpc.StatusCode.ALREADY_EXISTS,
+        FederationExistsError: grpc.StatusCode.ALREADY_EXISTS,
+        FederationError: grpc.StatusCode.INVALID_ARGUMENT,
+        BundleFetchError: grpc.StatusCode.FAILED_PRECONDITION,
         NotFoundError: grpc.StatusCode.NOT_FOUND,
         JoinTokenError: grpc.StatusCode.PERMISSION_DENIED,
         EventsPrunedError: grpc.StatusCode.ABORTED,

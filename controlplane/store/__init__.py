@@ -1,7 +1,8 @@
 """The control plane's store: SQLAlchemy Core over SQLite (the embedded default) or PostgreSQL.
 
 Registration entries with a global revision and an event log (for agents' entry watches),
-attested agents, single-use join tokens, and the trust bundle of every server's authorities.
+attested agents, single-use join tokens, the trust bundle of every server's authorities, and
+federation relationships with the bundles of other trust domains.
 Schema migrations run with Alembic when the store opens. See ``store.py`` for the API and
 ``schema.py`` for the decisions behind the tables.
 """
@@ -10,6 +11,7 @@ from controlplane.store.engine import SQLITE_FILENAME, sqlite_url
 from controlplane.store.errors import (
     EntryExistsError,
     EventsPrunedError,
+    FederationExistsError,
     JoinTokenError,
     JoinTokenExpiredError,
     JoinTokenNotFoundError,
@@ -29,6 +31,7 @@ __all__ = [
     "EntryEvent",
     "EntryExistsError",
     "EventsPrunedError",
+    "FederationExistsError",
     "JoinTokenError",
     "JoinTokenExpiredError",
     "JoinTokenNotFoundError",

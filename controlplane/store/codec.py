@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from controlplane.federation.relationship import BundleEndpointProfile, FederationRelationship
 from controlplane.model import AttestedAgent, RegistrationEntry, Selector
 from spiffecore import SpiffeID, TrustDomain
 
@@ -127,4 +128,25 @@ def agent_from_row(row: Row[Any]) -> AttestedAgent:
         selectors=tuple(Selector.parse(text) for text in json.loads(row.selectors)),
         banned=row.banned,
         can_reattest=row.can_reattest,
+    )
+
+
+def relationship_row(relationship: FederationRelationship) -> dict[str, Any]:
+    """The ``federation_relationships`` columns a relationship itself decides (not its fetch state)."""
+    endpoint_id = relationship.endpoint_spiffe_id
+    return {
+        "trust_domain": relationship.trust_domain.name,
+        "bundle_endpoint_url": relationship.bundle_endpoint_url,
+        "profile": relationship.profile.value,
+        "endpoint_spiffe_id": None if endpoint_id is None else str(endpoint_id),
+    }
+
+
+def relationship_from_row(row: Row[Any]) -> FederationRelationship:
+    return FederationRelationship(
+        trust_domain=parse_trust_domain(row.trust_domain),
+        bundle_endpoint_url=row.bundle_endpoint_url,
+        profile=BundleEndpointProfile(row.profile),
+        endpoint_spiffe_id=None if row.endpoint_spiffe_id is None else parse_id(row.endpoint_spiffe_id),
+        created_at=row.created_at,
     )

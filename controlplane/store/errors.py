@@ -21,7 +21,11 @@ class EntryExistsError(StoreError):
 
 
 class NotFoundError(StoreError, LookupError):
-    """No entry or agent with the given ID."""
+    """No entry, agent or federation relationship with the given ID or trust domain."""
+
+
+class FederationExistsError(StoreError):
+    """A federation relationship with this trust domain already exists."""
 
 
 class EventsPrunedError(StoreError):

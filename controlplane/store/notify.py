@@ -1,7 +1,8 @@
 """Change notification: how a server learns that entries or the bundle changed, on any server.
 
-- On PostgreSQL every write that changes entries or the bundle sends
-  ``NOTIFY spiffe_changes, 'entries:<revision>'`` (or ``'bundle:<sequence>'``) inside its
+- On PostgreSQL every write that changes entries, the bundle or federation sends
+  ``NOTIFY spiffe_changes, 'entries:<revision>'`` (or ``'bundle:<sequence>'``,
+  ``'federation:<revision>'``) inside its
   transaction; PostgreSQL delivers it on commit, to every listening session of every server.
   :class:`ChangeListener` holds one such session in a background thread (psycopg's
   ``notifies()``) and calls a callback for each change.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal, Self
 
 import psycopg
@@ -35,13 +36,15 @@ RECHECK_INTERVAL: Final = 1.0
 _NOTIFIES_TIMEOUT: Final = 0.25
 _CONNECT_TIMEOUT: Final = 10
 
-ChangeKind = Literal["entries", "bundle", "resync"]
+ChangeKind = Literal["entries", "bundle", "federation", "resync"]
+_KINDS: Final[tuple[ChangeKind, ...]] = ("entries", "bundle", "federation")
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """Entries reached ``number`` (a revision), the bundle reached ``number`` (a sequence), or
-    ``resync``: the listener reconnected and may have missed changes, so re-read the store."""
+    """Entries reached ``number`` (a revision), the bundle reached ``number`` (a sequence),
+    federation reached ``number`` (a revision), or ``resync``: the listener reconnected and may have
+    missed changes, so re-read the store."""
 
     kind: ChangeKind
     number: int
@@ -50,9 +53,10 @@ class Change:
     def parse(cls, payload: str) -> Change | None:
         """The change a notification payload names, or None for a payload this version does not know."""
         kind, _, number = payload.partition(":")
-        if kind not in ("entries", "bundle") or not number.isdigit():
-            return None
-        return cls("entries" if kind == "entries" else "bundle", int(number))
+        for known in _KINDS:
+            if kind == known and number.isdigit():
+                return cls(known, int(number))
+        return None
 
 
 def _conninfo(url: URL) -> str:
@@ -184,7 +188,7 @@ class ChangeFeed:
             return self._version
 
     def wait(self, seen: StoreVersion, timeout: float) -> StoreVersion:
-        """Block until entries or the bundle are past ``seen`` or ``timeout`` seconds pass; the version then."""
+        """Block until the store is past ``seen`` (in any counter) or ``timeout`` seconds pass; the version then."""
         with self._condition:
             self._condition.wait_for(lambda: _newer(self._version, seen), timeout)
             return self._version
@@ -204,9 +208,11 @@ class ChangeFeed:
     def _on_change(self, change: Change) -> None:
         current = self.version
         if change.kind == "entries":
-            self._advance(StoreVersion(entry_revision=change.number, bundle_sequence=current.bundle_sequence))
+            self._advance(replace(current, entry_revision=change.number))
         elif change.kind == "bundle":
-            self._advance(StoreVersion(entry_revision=current.entry_revision, bundle_sequence=change.number))
+            self._advance(replace(current, bundle_sequence=change.number))
+        elif change.kind == "federation":
+            self._advance(replace(current, federation_revision=change.number))
         else:
             self._recheck()
 
@@ -225,6 +231,7 @@ class ChangeFeed:
             merged = StoreVersion(
                 entry_revision=max(self._version.entry_revision, version.entry_revision),
                 bundle_sequence=max(self._version.bundle_sequence, version.bundle_sequence),
+                federation_revision=max(self._version.federation_revision, version.federation_revision),
             )
             if merged == self._version:
                 return
@@ -236,4 +243,8 @@ class ChangeFeed:
 
 
 def _newer(version: StoreVersion, seen: StoreVersion) -> bool:
-    return version.entry_revision > seen.entry_revision or version.bundle_sequence > seen.bundle_sequence
+    return (
+        version.entry_revision > seen.entry_revision
+        or version.bundle_sequence > seen.bundle_sequence
+        or version.federation_revision > seen.federation_revision
+    )

@@ -20,6 +20,12 @@ Decisions (see ``docs/architecture.md``):
 - **Join tokens** are stored as SHA-256 digests, never in clear: a copy of the database yields no
   usable token.
 - **Times** are ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL; SQLite stores them as UTC text.
+- **Federation** (revision 0002): ``federation_relationships`` holds one row per foreign trust
+  domain with how its last fetch went; ``federated_bundles`` its bundle as the canonical SPIFFE
+  bundle JSON, deleted with the relationship. Bundles of different trust domains are separate rows,
+  never merged. Every change agents could see (a relationship created or deleted, a new bundle
+  stored) bumps the ``federation_revision`` counter, which serializes the writers as the other
+  counters do: two servers storing the same fetched bundle store it once.
 """
 
 from __future__ import annotations
@@ -58,7 +64,9 @@ NAMING_CONVENTION: Final = {
 ENTRY_REVISION: Final = "entry_revision"
 BUNDLE_SEQUENCE: Final = "bundle_sequence"
 EVENTS_PRUNED_BEFORE: Final = "events_pruned_before"
-COUNTER_NAMES: Final = (ENTRY_REVISION, BUNDLE_SEQUENCE, EVENTS_PRUNED_BEFORE)
+FEDERATION_REVISION: Final = "federation_revision"
+COUNTER_NAMES: Final = (ENTRY_REVISION, BUNDLE_SEQUENCE, EVENTS_PRUNED_BEFORE, FEDERATION_REVISION)
+FEDERATION_PROFILES: Final = ("https_web", "https_spiffe")
 
 ENTRY_ID_LENGTH: Final = 255
 
@@ -172,4 +180,31 @@ jwt_authorities: Final = Table(
     Column("server_id", Text, nullable=False),
     Column("public_key", LargeBinary, nullable=False),
     Column("not_after", UTCDateTime, nullable=False),
+)
+
+federation_relationships: Final = Table(
+    "federation_relationships",
+    metadata,
+    Column("trust_domain", Text, primary_key=True),
+    Column("bundle_endpoint_url", Text, nullable=False),
+    Column("profile", String(16), nullable=False),
+    Column("endpoint_spiffe_id", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("refreshed_at", UTCDateTime, nullable=True),
+    Column("last_attempt_at", UTCDateTime, nullable=True),
+    Column("last_error", Text, nullable=False),
+    CheckConstraint("profile IN ('https_web', 'https_spiffe')", name="profile"),
+)
+
+federated_bundles: Final = Table(
+    "federated_bundles",
+    metadata,
+    Column(
+        "trust_domain",
+        Text,
+        ForeignKey("federation_relationships.trust_domain", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("document", LargeBinary, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

@@ -15,6 +15,11 @@ How an agent's entry watch uses it: take pages with :meth:`Store.snapshot_page` 
 revision of the *first* page, R; when the pages are done, apply :meth:`Store.events_since` (R) and
 onward. Events are idempotent to apply (each carries the entry as it is now), so an entry that
 changed while the pages were read is simply seen twice.
+
+Federation: relationships with other trust domains and the bundle last fetched for each. Every
+change agents could see bumps the ``federation_revision`` counter (and sends ``federation:<n>``);
+writers take that counter's lock first, so when several servers fetch the same foreign bundle, one
+stores it and the others find it already there (:meth:`Store.store_federated_bundle`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
+from controlplane.federation.relationship import FederationRelationship, FederationStatus, StoreOutcome
 from controlplane.model import AttestedAgent, JoinToken, RegistrationEntry, Selector
 from controlplane.store import codec
 from controlplane.store import migrate as migrations
@@ -43,6 +49,7 @@ from controlplane.store.engine import WRITE_OPTION, create_store_engine, parse_u
 from controlplane.store.errors import (
     EntryExistsError,
     EventsPrunedError,
+    FederationExistsError,
     JoinTokenError,
     JoinTokenExpiredError,
     JoinTokenNotFoundError,
@@ -53,16 +60,19 @@ from controlplane.store.schema import (
     BUNDLE_SEQUENCE,
     ENTRY_REVISION,
     EVENTS_PRUNED_BEFORE,
+    FEDERATION_REVISION,
     attested_agents,
     counters,
     entry_events,
     entry_selectors,
+    federated_bundles,
+    federation_relationships,
     join_tokens,
     jwt_authorities,
     registration_entries,
     x509_authorities,
 )
-from spiffecore import JWTPublicKey, SpiffeBundle, SpiffeID, TrustDomain
+from spiffecore import JWTPublicKey, SpiffeBundle, SpiffeError, SpiffeID, TrustDomain
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +80,7 @@ NOTIFY_CHANNEL: Final = "spiffe_changes"
 MAX_EVENTS_PER_CALL: Final = 10_000
 
 EventKind = Literal["create", "update", "delete"]
-ChangeKind = Literal["entries", "bundle"]
+ChangeKind = Literal["entries", "bundle", "federation"]
 
 _E = registration_entries
 _S = entry_selectors
@@ -95,10 +105,12 @@ _MIGRATION_ATTEMPTS: Final = 20
 
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
 class StoreVersion:
-    """Where the store's entries and bundle are: the last entry revision and the bundle sequence."""
+    """Where the store's entries and bundles are: the last entry revision, the bundle sequence and
+    the federation revision (relationships and foreign bundles)."""
 
     entry_revision: int
     bundle_sequence: int
+    federation_revision: int = 0
 
 
 def _utcnow() -> datetime:
@@ -622,10 +634,185 @@ class Store:
             return self._counter(connection, BUNDLE_SEQUENCE)
 
     def version(self) -> StoreVersion:
-        """The entry revision and the bundle sequence, read together."""
+        """The entry revision, the bundle sequence and the federation revision, read together."""
         with self._read("read store version") as connection:
             statement = select(counters.c.name, counters.c.value).where(
-                counters.c.name.in_([ENTRY_REVISION, BUNDLE_SEQUENCE])
+                counters.c.name.in_([ENTRY_REVISION, BUNDLE_SEQUENCE, FEDERATION_REVISION])
             )
             rows = dict(connection.execute(statement).all())
-        return StoreVersion(entry_revision=int(rows[ENTRY_REVISION]), bundle_sequence=int(rows[BUNDLE_SEQUENCE]))
+        return StoreVersion(
+            entry_revision=int(rows[ENTRY_REVISION]),
+            bundle_sequence=int(rows[BUNDLE_SEQUENCE]),
+            federation_revision=int(rows[FEDERATION_REVISION]),
+        )
+
+    # -- federation -----------------------------------------------------------------------------
+
+    def create_federation_relationship(
+        self, relationship: FederationRelationship, bundle: SpiffeBundle | None = None, *, at: datetime | None = None
+    ) -> FederationStatus:
+        """Store a new relationship, with the foreign domain's bundle if given (https_spiffe's bootstrap).
+
+        Raises :class:`FederationExistsError` if a relationship with that trust domain exists.
+        """
+        td = relationship.trust_domain
+        if bundle is not None and bundle.trust_domain != td:
+            raise StoreError(f"bundle of {bundle.trust_domain} given for the relationship with", td.name)
+
+        def conflict() -> StoreError:
+            return FederationExistsError("a federation relationship with this trust domain already exists", td.name)
+
+        now = at or _utcnow()
+        stored = replace(relationship, created_at=now)
+        with self._write("create federation relationship", on_conflict=conflict) as connection:
+            self._counter(connection, FEDERATION_REVISION, lock=True)
+            connection.execute(
+                insert(federation_relationships).values(**codec.relationship_row(stored), created_at=now, last_error="")
+            )
+            if bundle is not None:
+                connection.execute(
+                    insert(federated_bundles).values(trust_domain=td.name, document=bundle.to_json(), updated_at=now)
+                )
+            self._notify(connection, "federation", self._bump(connection, FEDERATION_REVISION))
+        return FederationStatus(relationship=stored, bundle=bundle)
+
+    def list_federation_relationships(self) -> list[FederationStatus]:
+        """Every relationship with its bundle and fetch state, ordered by trust domain."""
+        with self._read("list federation relationships") as connection:
+            return self._select_federation(connection, None)
+
+    def get_federation_relationship(self, trust_domain: TrustDomain) -> FederationStatus:
+        """The relationship with ``trust_domain``, or :class:`NotFoundError`."""
+        with self._read("get federation relationship") as connection:
+            found = self._select_federation(connection, trust_domain)
+        if not found:
+            raise NotFoundError("no federation relationship with this trust domain", trust_domain.name)
+        return found[0]
+
+    def delete_federation_relationship(self, trust_domain: TrustDomain) -> FederationStatus:
+        """Delete a relationship and its bundle; returns them as they were (:class:`NotFoundError` if none)."""
+        with self._write("delete federation relationship") as connection:
+            self._counter(connection, FEDERATION_REVISION, lock=True)
+            found = self._select_federation(connection, trust_domain)
+            if not found:
+                raise NotFoundError("no federation relationship with this trust domain", trust_domain.name)
+            connection.execute(delete(federated_bundles).where(federated_bundles.c.trust_domain == trust_domain.name))
+            connection.execute(
+                delete(federation_relationships).where(federation_relationships.c.trust_domain == trust_domain.name)
+            )
+            self._notify(connection, "federation", self._bump(connection, FEDERATION_REVISION))
+        return found[0]
+
+    def store_federated_bundle(
+        self, trust_domain: TrustDomain, bundle: SpiffeBundle, *, at: datetime, force: bool = False
+    ) -> StoreOutcome:
+        """Keep a bundle just fetched for ``trust_domain``, and record the successful fetch.
+
+        Idempotent, and safe with several servers fetching at once: the same bundle is stored once
+        (:attr:`StoreOutcome.UNCHANGED` for the later ones), and a bundle whose sequence number is
+        below the stored one's is an older answer that lost a race (:attr:`StoreOutcome.STALE`),
+        unless ``force`` (an operator's refresh, say after the foreign domain started afresh).
+        Nothing is stored for a relationship deleted meanwhile (:attr:`StoreOutcome.GONE`).
+        """
+        if bundle.trust_domain != trust_domain:
+            raise StoreError(f"bundle of {bundle.trust_domain} given for the relationship with", trust_domain.name)
+        document = bundle.to_json()
+        name = trust_domain.name
+        with self._write("store federated bundle") as connection:
+            self._counter(connection, FEDERATION_REVISION, lock=True)
+            exists = connection.execute(
+                select(federation_relationships.c.trust_domain).where(federation_relationships.c.trust_domain == name)
+            ).first()
+            if exists is None:
+                return StoreOutcome.GONE
+            stored = connection.execute(
+                select(federated_bundles.c.document).where(federated_bundles.c.trust_domain == name)
+            ).scalar_one_or_none()
+            outcome = StoreOutcome.STORED
+            if stored is not None:
+                if bytes(stored) == document:
+                    outcome = StoreOutcome.UNCHANGED
+                elif not force:
+                    previous = _parse_federated(trust_domain, bytes(stored)).sequence
+                    if previous is not None and bundle.sequence is not None and bundle.sequence < previous:
+                        outcome = StoreOutcome.STALE
+            connection.execute(
+                update(federation_relationships)
+                .where(federation_relationships.c.trust_domain == name)
+                .values(refreshed_at=at, last_attempt_at=at, last_error="")
+            )
+            if outcome is StoreOutcome.STORED:
+                if stored is None:
+                    connection.execute(
+                        insert(federated_bundles).values(trust_domain=name, document=document, updated_at=at)
+                    )
+                else:
+                    connection.execute(
+                        update(federated_bundles)
+                        .where(federated_bundles.c.trust_domain == name)
+                        .values(document=document, updated_at=at)
+                    )
+                self._notify(connection, "federation", self._bump(connection, FEDERATION_REVISION))
+        return outcome
+
+    def record_federation_failure(self, trust_domain: TrustDomain, error: str, *, at: datetime) -> bool:
+        """Record a failed fetch (the stored bundle stays); False if the relationship is gone."""
+        with self._write("record federation failure") as connection:
+            updated = connection.execute(
+                update(federation_relationships)
+                .where(federation_relationships.c.trust_domain == trust_domain.name)
+                .values(last_attempt_at=at, last_error=error)
+            ).rowcount
+        return bool(updated)
+
+    def federated_bundles(self) -> dict[TrustDomain, SpiffeBundle]:
+        """The stored bundle of every federated trust domain that has one."""
+        with self._read("read federated bundles") as connection:
+            rows = connection.execute(
+                select(federated_bundles.c.trust_domain, federated_bundles.c.document).order_by(
+                    federated_bundles.c.trust_domain
+                )
+            ).all()
+        bundles: dict[TrustDomain, SpiffeBundle] = {}
+        for name, document in rows:
+            trust_domain = codec.parse_trust_domain(name)
+            bundles[trust_domain] = _parse_federated(trust_domain, bytes(document))
+        return bundles
+
+    def federation_revision(self) -> int:
+        """0 for a new store, then one more for every change of relationships or foreign bundles."""
+        with self._read("read federation revision") as connection:
+            return self._counter(connection, FEDERATION_REVISION)
+
+    @staticmethod
+    def _select_federation(connection: Connection, trust_domain: TrustDomain | None) -> list[FederationStatus]:
+        query = (
+            select(federation_relationships, federated_bundles.c.document)
+            .outerjoin(federated_bundles, federated_bundles.c.trust_domain == federation_relationships.c.trust_domain)
+            .order_by(federation_relationships.c.trust_domain)
+        )
+        if trust_domain is not None:
+            query = query.where(federation_relationships.c.trust_domain == trust_domain.name)
+        found: list[FederationStatus] = []
+        for row in connection.execute(query).all():
+            relationship = codec.relationship_from_row(row)
+            bundle = None if row.document is None else _parse_federated(relationship.trust_domain, bytes(row.document))
+            found.append(
+                FederationStatus(
+                    relationship=relationship,
+                    bundle=bundle,
+                    refreshed_at=row.refreshed_at,
+                    last_attempt_at=row.last_attempt_at,
+                    last_error=row.last_error,
+                )
+            )
+        return found
+
+
+def _parse_federated(trust_domain: TrustDomain, document: bytes) -> SpiffeBundle:
+    try:
+        return SpiffeBundle.parse(trust_domain, document)
+    except SpiffeError as err:
+        raise StoreError(
+            f"stored bundle of a federated trust domain does not parse ({err})", trust_domain.name
+        ) from err
