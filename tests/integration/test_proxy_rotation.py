@@ -6,8 +6,8 @@ Processes: ``spiffe-server`` (SQLite), ``spiffe-agent`` (join token; ``discover_
 against the agent. Traffic: test clients -> client-mode proxy -> mTLS -> server-mode proxy -> an
 echo upstream in this test. The two proxies get different SPIFFE IDs although both are Python run
 by the same user: each runs the console script through its own path to this interpreter
-(:func:`python_at`), and its entry selects that path (``unix:path``). Each allows only the other's
-ID.
+(:func:`tests.sidecar.proxy.processes.python_at`), and its entry selects that path
+(``unix:path``). Each allows only the other's ID.
 
 Both entries have an X.509 TTL of :data:`TTL` seconds. An SVID is backdated 10 s, so its
 half-life falls before it was even issued, and the agent renews it as soon as it allows: one
@@ -26,13 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import re
-import shutil
-import signal
-import sys
-import sysconfig
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +37,9 @@ from typing import Final
 
 import pytest
 
+from tests.sidecar.proxy.processes import ProxyProcess, python_at, start_proxy
 from tests.support.agent import AgentProcess, http_get, remove_socket_dir, running_agent, socket_dir, write_roots
-from tests.support.process import Started, start_until_ready
-from tests.support.server import ServerProcess, running_server, script
+from tests.support.server import ServerProcess, running_server
 
 TD: Final = "spiffe://example.org"
 NODE_ID: Final = f"{TD}/node/proxy-rotation"
@@ -58,34 +53,8 @@ SHORT_PAUSE: Final = 0.02
 LONG_LIVED: Final = 3
 LONG_PAUSE: Final = 0.05
 REQUEST_TIMEOUT: Final = 10.0
-PROXY_READY: Final = re.compile(
-    r"spiffe-proxy ready: (?P<mode>server|client) mode, listening on (?P<listen>\S+), "
-    r"upstream (?P<upstream>\S+), identity (?P<id>spiffe://[^,\s]+), status http://(?P<status>\S+)"
-)
 _METRIC: Final = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$", re.MULTILINE)
 _LABEL: Final = re.compile(r'(?P<key>[a-z_]+)="(?P<value>[^"]*)"')
-
-
-def python_at(directory: Path) -> Path:
-    """This interpreter under a path of its own, with this environment's packages.
-
-    A hard link (a copy across file systems) of the real executable, in a virtual environment
-    whose ``site-packages`` is this one's: ``/proc/<pid>/exe`` of a process it runs is that path,
-    which is what the agent's ``unix:path`` selector tells workloads apart by.
-    """
-    real = Path(sys.executable).resolve()
-    bin_dir = directory / "bin"
-    bin_dir.mkdir(parents=True)
-    clone = bin_dir / real.name
-    try:
-        clone.hardlink_to(real)
-    except OSError:
-        shutil.copy2(real, clone)
-    (directory / "pyvenv.cfg").write_text(f"home = {real.parent}\ninclude-system-site-packages = false\n")
-    site = directory / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    site.parent.mkdir(parents=True)
-    site.symlink_to(sysconfig.get_paths()["purelib"])
-    return clone.resolve()
 
 
 @dataclass(frozen=True)
@@ -112,37 +81,6 @@ def metrics(status: str) -> Metrics:
             for m in _METRIC.finditer(body)
         )
     )
-
-
-@dataclass
-class Proxy:
-    started: Started
-
-    @property
-    def listen(self) -> tuple[str, int]:
-        host, _, port = self.started.ready["listen"].rpartition(":")
-        return host, int(port)
-
-    @property
-    def status(self) -> str:
-        return self.started.ready["status"]
-
-    def logs(self) -> list[dict[str, object]]:
-        lines = self.started.stderr_path.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def stop(self) -> int:
-        process = self.started.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            self.started.stdout.close()
-            self.started.stderr.close()
 
 
 class Echo:
@@ -278,19 +216,16 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
 
 
 @contextlib.asynccontextmanager
-async def proxy(mesh: Mesh, logs: Path, mode: str, *argv: str) -> AsyncIterator[Proxy]:
+async def proxy(mesh: Mesh, logs: Path, mode: str, *argv: str) -> AsyncIterator[ProxyProcess]:
     """``spiffe-proxy`` run by the interpreter whose path selects ``mode``'s SPIFFE ID; stopped (exit 0) after."""
-    command = [str(mesh.pythons[mode]), script("spiffe-proxy"), "--mode", mode, "--listen", "127.0.0.1:0"]
-    command += ["--workload-api", mesh.agent.endpoint, "--status", "127.0.0.1:0", *argv]
-    started = await asyncio.to_thread(
-        start_until_ready, command, logs=logs, name=f"spiffe-proxy ({mode})", ready=PROXY_READY, timeout=60
-    )
-    running = Proxy(started)
+    command = ["--mode", mode, "--listen", "127.0.0.1:0", "--workload-api", mesh.agent.endpoint]
+    command += ["--status", "127.0.0.1:0", *argv]
+    running = await asyncio.to_thread(start_proxy, mesh.pythons[mode], command, logs=logs, name=f"spiffe-proxy {mode}")
     try:
         yield running
     finally:
         code = await asyncio.to_thread(running.stop)
-        assert code == 0, started.stderr_path.read_text(errors="replace")[-4000:]
+        assert code == 0, running.stderr[-4000:]
 
 
 async def test_twenty_rotations_under_continuous_traffic(mesh: Mesh, tmp_path: Path) -> None:
@@ -299,12 +234,10 @@ async def test_twenty_rotations_under_continuous_traffic(mesh: Mesh, tmp_path: P
     try:
         async with (
             proxy(mesh, tmp_path, "server", "--upstream", upstream, "--allow-id", CLIENT_ID) as inbound,
-            proxy(
-                mesh, tmp_path, "client", "--upstream", inbound.started.ready["listen"], "--allow-id", SERVER_ID
-            ) as outbound,
+            proxy(mesh, tmp_path, "client", "--upstream", inbound.listen, "--allow-id", SERVER_ID) as outbound,
         ):
-            assert (inbound.started.ready["id"], outbound.started.ready["id"]) == (SERVER_ID, CLIENT_ID)
-            traffic = Traffic(outbound.listen)
+            assert (inbound.spiffe_id, outbound.spiffe_id) == (SERVER_ID, CLIENT_ID)
+            traffic = Traffic(outbound.host_port)
             opened = asyncio.Event()
             tasks = [asyncio.create_task(traffic.long_lived(seed, opened)) for seed in range(LONG_LIVED)]
             await asyncio.wait_for(opened.wait(), REQUEST_TIMEOUT)
@@ -329,7 +262,7 @@ async def test_twenty_rotations_under_continuous_traffic(mesh: Mesh, tmp_path: P
             await asyncio.gather(*tasks)
             server_side = await asyncio.to_thread(metrics, inbound.status)
             client_side = await asyncio.to_thread(metrics, outbound.status)
-            rotated_logs = {str(line["expires_at"]) for line in inbound.logs() if line.get("msg") == "identity rotated"}
+            rotated_logs = {str(line["expires_at"]) for line in inbound.logged("identity rotated")}
     finally:
         await echo.close()
 
