@@ -170,6 +170,8 @@ def load_config(args: argparse.Namespace, environ: os._Environ[str] | dict[str, 
             allow_any_id=args.allow_any_id,
         )
     if args.worker is not None:
+        if not args.worker_port or not args.worker_parent:
+            raise ProxyConfigError("--worker is for the processes spiffe-proxy --workers starts, not for use by hand")
         status = None  # the parent serves it
     return ProxyConfig(
         mode=args.mode,
@@ -213,13 +215,14 @@ def main(
         return 2
     if args.worker is not None:
         handler.addFilter(WorkerFields(args.worker))
-        die_with_parent(args.worker_parent)
 
     def announce(line: str) -> None:
         print(line, file=stdout, flush=True)
 
     try:
         config = load_config(args, os.environ)
+        if config.worker is not None:
+            die_with_parent(args.worker_parent)
         if config.workers > 1 and config.worker is None:
             if worker_command is None:
                 raise ProxyConfigError("--workers above 1 needs the spiffe-proxy command to start its workers")
