@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,16 @@ from tests.deploy.test_envoy_e2e import EchoXFCC, http_get, is_live, mtls_attemp
 from tests.sidecar.workload.support import CallerBox, FakeIdentities, StaticAttestor
 from tests.support.agent import (
     AgentProcess,
+    agent_argv,
+    free_port,
     remove_socket_dir,
     run_agent_cli_async,
+    run_agent_to_exit,
     socket_dir,
     start_agent,
     write_roots,
 )
+from tests.support.agent import http_get as http_get_status
 from tests.support.ca import TestCA
 from tests.support.envoy import SECRET_TYPE, EnvoyProcess, linked_binary, sds_cluster, start_envoy
 from tests.support.server import ServerProcess, running_server
@@ -261,6 +266,30 @@ def test_istio_socket_must_differ_from_the_main_socket() -> None:
         load_agent_config(args)
 
 
+def test_an_istio_socket_path_that_is_taken_stops_the_agent_with_the_reason(tmp_path: Path) -> None:
+    sockets = socket_dir("istio-taken")
+    taken = sockets / "socket"
+    taken.write_text("not a socket")
+    try:
+        with running_server(tmp_path / "server") as server:
+            argv = agent_argv(
+                tmp_path / "agent",
+                server=server.address,
+                join_token=server.token("--spiffe-id", NODE),
+                trust_bundle=write_roots(server, tmp_path / "roots.pem"),
+                socket_path=sockets / "api.sock",
+                extra=["--istio-socket", str(taken)],
+            )
+            result = run_agent_to_exit(argv)
+        assert result.returncode == 1, result.describe()
+        assert "spiffe-agent cannot start: frontdoor: socket path exists and is not a socket" in result.stderr
+        assert str(taken) in result.stderr
+        assert taken.read_text() == "not a socket", "the file in the way is left alone"
+        assert not (sockets / "api.sock").exists(), "the main socket is closed and removed on the way out"
+    finally:
+        remove_socket_dir(sockets)
+
+
 # --- 1. end to end with the real agent --------------------------------------------------------------------
 
 
@@ -298,8 +327,10 @@ def node(tmp_path: Path) -> Iterator[Node]:
                 join_token=server.token("--spiffe-id", NODE),
                 trust_bundle=write_roots(server, tmp_path / "roots.pem"),
                 extra=["--config", str(config), "--istio-socket", str(istio_socket)],
+                status=f"127.0.0.1:{free_port()}",
             )
             try:
+                wait_until_ready(agent)  # every entry has its SVID: the Envoys need no retry
                 yield Node(server, agent, istio_socket, binaries, tmp_path / "envoy")
             finally:
                 if agent.process.poll() is None:
@@ -307,6 +338,13 @@ def node(tmp_path: Path) -> Iterator[Node]:
                     assert not istio_socket.exists(), "the agent left its Istio socket behind"
     finally:
         remove_socket_dir(sockets)
+
+
+def wait_until_ready(agent: AgentProcess, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while http_get_status(agent.status_url("/readyz"))[0] != 200:
+        assert time.monotonic() < deadline, f"the agent did not become ready\n{agent.stderr}"
+        time.sleep(0.05)
 
 
 async def fetch_secrets(socket: Path, names: Sequence[str]) -> Any:
