@@ -10,10 +10,12 @@ Envoys run as the same user, so the agent tells them apart by the path of their 
 each runs through its own hard link to the Envoy binary, and each entry selects one path
 (``unix:path``, with the agent's ``discover_workload_path``). No root needed.
 
-Then it shows, in seven steps: the control plane and its CA, the attested agent, the entries,
+Then it shows, in eight steps: the control plane and its CA, the attested agent, the entries,
 the sidecars' certificates (read from Envoy's admin ``/certs``), a request from frontend to
 backend over mTLS (the backend sees the caller's SPIFFE ID in ``x-forwarded-client-cert``), an
-intruder with a valid SVID of the same trust domain refused by the backend's sidecar, and a live
+intruder with a valid SVID of the same trust domain refused by the backend's sidecar, a legacy
+plaintext service wrapped by ``spiffe-proxy`` (server mode, its SVID from the agent's Workload
+API) that the frontend calls through an Envoy sidecar and that refuses the intruder, and a live
 rotation under traffic. It keeps running (a request a second, a line a minute) until Ctrl-C,
 SIGTERM or ``--duration``, then stops every process, last started first.
 
@@ -50,6 +52,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from demo.envoy import EnvoyAdmin, Leaf, envoy_binary, own_path
+from demo.legacy import PROXY_READY, log_records, own_python
 from demo.processes import Child, DemoError, Supervisor
 from spiffecore import X509SVID, SpiffeError, TrustDomain, X509Bundle, verify_x509_svid
 from spiffeproto import registration_pb2, registration_pb2_grpc
@@ -61,7 +64,8 @@ NODE_ID: Final = f"spiffe://{TRUST_DOMAIN}/node"
 FRONTEND_ID: Final = f"spiffe://{TRUST_DOMAIN}/frontend"
 BACKEND_ID: Final = f"spiffe://{TRUST_DOMAIN}/backend"
 INTRUDER_ID: Final = f"spiffe://{TRUST_DOMAIN}/intruder"
-STEPS: Final = 7
+LEGACY_ID: Final = f"spiffe://{TRUST_DOMAIN}/legacy"
+STEPS: Final = 8
 READY_TIMEOUT: Final = 30.0
 REQUEST_TIMEOUT: Final = 5.0
 ROTATION_TIMEOUT: Final = 10.0
@@ -168,11 +172,12 @@ def short_serial(serial: int) -> str:
     return text if len(text) <= 16 else f"{text[:16]}..."
 
 
-def intruder_attempt(port: int, cert: Path, key: Path, bundle: Path) -> str:
-    """mTLS to the backend's sidecar with the intruder's SVID; what happened, in a few words.
+def intruder_attempt(port: int, cert: Path, key: Path, bundle: Path, *, server: str = "the sidecar") -> str:
+    """mTLS to ``server`` (the backend's sidecar, or spiffe-proxy) with the intruder's SVID; what
+    happened, in a few words.
 
-    The intruder checks the sidecar's chain against the bundle (it is the real backend sidecar),
-    presents its own SVID, and sends a request. Envoy refuses the SVID during the handshake.
+    The intruder checks the server's chain against the bundle (it is the real server), presents
+    its own SVID, and sends a request. The server refuses the SVID during the handshake.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # SPIFFE IDs are URI SANs, not host names; the chain is still verified
@@ -186,7 +191,7 @@ def intruder_attempt(port: int, cert: Path, key: Path, bundle: Path) -> str:
             tls.sendall(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
             data = tls.recv(65536)
     except ssl.SSLEOFError:
-        return "the sidecar cut the connection during the TLS handshake; no HTTP response"
+        return f"{server} cut the connection during the TLS handshake; no HTTP response"
     except ssl.SSLError as err:
         return f"the TLS handshake failed ({err.reason or err}); no HTTP response"
     except OSError as err:
@@ -194,7 +199,7 @@ def intruder_attempt(port: int, cert: Path, key: Path, bundle: Path) -> str:
     if data.startswith(b"HTTP/"):
         status_line = data.partition(b"\r\n")[0].decode(errors="replace")
         raise DemoError(f"the intruder got through: {status_line}")
-    return "connection closed by the sidecar" if not data else f"unexpected answer {data[:60]!r}"
+    return f"connection closed by {server}" if not data else f"unexpected answer {data[:60]!r}"
 
 
 def ssl_counters(stats: dict[str, Any]) -> dict[str, int]:
@@ -273,7 +278,7 @@ class Sidecar:
 
 
 class Demo:
-    """The seven steps, then the mesh left running; every process through ``supervisor``."""
+    """The eight steps, then the mesh left running; every process through ``supervisor``."""
 
     def __init__(self, workdir: Path, supervisor: Supervisor, narrator: Narrator) -> None:
         self.workdir = workdir
@@ -292,6 +297,7 @@ class Demo:
         self.sidecars: dict[str, Sidecar] = {}
         self.frontend_url = ""
         self.envoy = Path()
+        self.proxy_python = Path()  # the interpreter's path that spiffe-proxy runs through (its selector)
 
     async def run(self, duration: float | None) -> None:
         say = self.narrator
@@ -303,6 +309,7 @@ class Demo:
             self.start_mesh,
             self.request,
             self.intruder,
+            self.legacy,
             self.rotation,
         ):
             await step()
@@ -396,19 +403,23 @@ class Demo:
         bin_dir = self.workdir / "bin"
         self.binaries = {name: own_path(self.envoy, bin_dir, f"{name}-envoy") for name in ("frontend", "backend")}
         python = Path("/proc/self/exe").readlink()  # what the kernel reports for any process of this Python
+        self.proxy_python = own_python(self.workdir / "proxy-python")
         say.detail(
             f"the Envoy binary {self.envoy} gets a hard link per sidecar in {bin_dir}:\n"
-            "both sidecars run as this user, so the path of the executable is what tells them apart"
+            "both sidecars run as this user, so the path of the executable is what tells them apart;\n"
+            f"spiffe-proxy (step 7) is Python, so it runs through a path of its own, {self.proxy_python}"
         )
         self.selectors = {
             FRONTEND_ID: f"unix:path:{self.binaries['frontend']}",
             BACKEND_ID: f"unix:path:{self.binaries['backend']}",
             INTRUDER_ID: f"unix:path:{python}",
+            LEGACY_ID: f"unix:path:{self.proxy_python}",
         }
         roles = {
-            FRONTEND_ID: "the frontend's sidecar",
+            FRONTEND_ID: "the frontend's sidecars",
             BACKEND_ID: "the backend's sidecar",
             INTRUDER_ID: "any Python program on this node: our stand-in for a rogue workload",
+            LEGACY_ID: "spiffe-proxy in front of the legacy service",
         }
 
         async def create(spiffe_id: str) -> tuple[str, str]:
@@ -435,7 +446,10 @@ class Demo:
         say.ok(f"{len(self.entries)} entries registered: {', '.join(self.entries)}")
 
     # 4
-    async def start_envoy(self, name: str, template: str, variables: dict[str, str]) -> Sidecar:
+    async def start_envoy(
+        self, name: str, template: str, variables: dict[str, str], *, binary: str | None = None
+    ) -> Sidecar:
+        """The sidecar ``name``, run through the link of ``binary`` (default ``name``): its identity."""
         say = self.narrator
         envoy_dir = self.workdir / "envoy"
         envoy_dir.mkdir(exist_ok=True)
@@ -448,7 +462,7 @@ class Demo:
         say.detail(f"$ python deploy/envoy/render.py {template} {' '.join(assignments)} -o {config.name}")
         admin_path = envoy_dir / f"{name}.admin"
         argv: list[str | Path] = [
-            self.binaries[name],
+            self.binaries[binary or name],
             "-c",
             config,
             "--concurrency",
@@ -493,9 +507,13 @@ class Demo:
             raise DemoError(f"the {name}'s sidecar is live but shows no certificate in /certs", child)
         return Sidecar(child=child, admin=admin, leaf=leaf)
 
-    async def start_service(self, name: str, *argv: str) -> tuple[Child, int]:
+    async def start_service(self, name: str, *argv: str, role: str | None = None) -> tuple[Child, int]:
+        """``python -m demo.services <role or name> <argv>``; the child and its port."""
         child = await self.supervisor.start(
-            f"the {name} service", [sys.executable, "-m", "demo.services", name, *argv], log_name=name, cwd=ROOT
+            f"the {name} service",
+            [sys.executable, "-m", "demo.services", role or name, *argv],
+            log_name=name,
+            cwd=ROOT,
         )
         line = await child.first_line(timeout=READY_TIMEOUT, what="its port")
         self.services[name] = child
@@ -644,12 +662,125 @@ class Demo:
         """The agent, for failure messages, once it was started."""
         return (self.agent,) if self.agent is not None else ()
 
-    def backend_requests(self) -> int:
-        """Requests the backend service logged (one line each on its stderr)."""
-        log = self.services["backend"].stderr_path
+    def backend_requests(self, name: str = "backend") -> int:
+        """Requests the service ``name`` logged (one line each on its stderr)."""
+        log = self.services[name].stderr_path
         return sum(1 for line in log.read_text(errors="replace").splitlines() if '"GET ' in line)
 
     # 7
+    async def legacy(self) -> None:
+        say = self.narrator
+        say.step("A legacy plaintext service behind spiffe-proxy: the frontend calls it, the intruder cannot")
+        _, legacy_port = await self.start_service("legacy")
+        say.detail(f"legacy service on 127.0.0.1:{legacy_port}: plain HTTP, knows nothing of TLS, cannot be changed")
+        proxy_argv = [
+            "--mode",
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"127.0.0.1:{legacy_port}",
+            "--workload-api",
+            f"unix://{self.agent_socket}",
+            "--allow-id",
+            FRONTEND_ID,
+            "--drain-timeout",
+            "5",
+        ]
+        say.detail(f"$ spiffe-proxy {' '.join(proxy_argv[:6])} \\")
+        say.detail(f"      {' '.join(proxy_argv[6:])}")
+        say.detail(f"  (through {self.proxy_python.parent}/, so the agent gives it {LEGACY_ID})")
+        proxy = await self.supervisor.start(
+            "spiffe-proxy (the legacy service's)",
+            [self.proxy_python, console_script("spiffe-proxy"), *proxy_argv],
+            log_name="legacy-proxy",
+        )
+        line = await proxy.first_line(timeout=READY_TIMEOUT, what="that it is ready")
+        match = PROXY_READY.fullmatch(line)
+        if match is None:
+            raise DemoError(f"unexpected ready line from spiffe-proxy: {line!r}", proxy)
+        if match["id"] != LEGACY_ID:
+            raise DemoError(f"spiffe-proxy got {match['id']} from the Workload API, not {LEGACY_ID}", proxy)
+        proxy_port = match["listen"].rpartition(":")[2]
+        say.detail(line)
+        sidecar = await self.start_envoy(
+            "frontend-legacy",
+            "outbound.yaml.tmpl",
+            {
+                "AGENT_SOCKET": str(self.agent_socket),
+                "ADMIN_PORT": "0",
+                "LISTEN_PORT": "0",
+                "UPSTREAM_ADDRESS": "127.0.0.1",
+                "UPSTREAM_PORT": proxy_port,
+                "UPSTREAM_SPIFFE_ID": LEGACY_ID,
+            },
+            binary="frontend",
+        )
+        self.sidecars["frontend-legacy"] = sidecar
+        if sidecar.leaf.spiffe_id != FRONTEND_ID:
+            raise DemoError(f"the frontend's second sidecar got {sidecar.leaf.spiffe_id}", sidecar.child)
+        outbound_port = await asyncio.to_thread(sidecar.admin.listener_port, "outbound_http")
+        say.detail(
+            f"the frontend's second outbound sidecar: plain HTTP in on 127.0.0.1:{outbound_port}, mTLS out to the "
+            f"proxy, which must prove {LEGACY_ID};\nit runs through the frontend sidecar's path, so it holds "
+            f"{FRONTEND_ID} too (over SDS)"
+        )
+        _, frontend_port = await self.start_service(
+            "frontend-2",
+            "--upstream",
+            f"127.0.0.1:{await asyncio.to_thread(self.sidecars['frontend'].admin.listener_port, 'outbound_http')}",
+            "--legacy-upstream",
+            f"127.0.0.1:{outbound_port}",
+            role="frontend",
+        )
+        url = f"http://127.0.0.1:{frontend_port}/legacy"
+        say.detail(f"a new instance of the frontend, with the legacy service as a second dependency, on {url}")
+        say.detail(f"$ curl {url}")
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        while True:
+            try:
+                status, document = await asyncio.to_thread(http_get_json, url)
+            except (OSError, ValueError) as err:
+                status, document = 0, {"error": str(err)}
+            if status == 200 and "legacy" in document:
+                break
+            if time.monotonic() > deadline:
+                raise DemoError(f"the call to the legacy service failed: {status} {document}", sidecar.child, proxy)
+            await asyncio.sleep(0.1)
+        accepted = [record.get("spiffe_id") for record in log_records(proxy.stderr_path, "connection accepted")]
+        if accepted[-1:] != [FRONTEND_ID]:
+            raise DemoError(f"spiffe-proxy did not log accepting {FRONTEND_ID}: {accepted}", proxy)
+        say.detail(f"legacy service answered: {document['legacy']['message']!r}")
+        say.detail(f"spiffe-proxy logged: connection accepted, spiffe_id {FRONTEND_ID}")
+        say.ok(f"frontend -> legacy service through spiffe-proxy succeeded: the proxy let in {FRONTEND_ID}")
+
+        directory = self.workdir / "intruder"
+        cert, key, bundle = (directory / name for name in ("svid.pem", "svid_key.pem", "bundle.pem"))
+        requests_before = self.backend_requests("legacy")
+        say.detail(f"the intruder ({INTRUDER_ID}, step 6) connects straight to spiffe-proxy, 127.0.0.1:{proxy_port}")
+        outcome = await asyncio.to_thread(intruder_attempt, int(proxy_port), cert, key, bundle, server="spiffe-proxy")
+
+        def rejected() -> dict[str, Any] | None:
+            records = log_records(proxy.stderr_path, "connection rejected")
+            return next((r for r in records if r.get("spiffe_id") == INTRUDER_ID), None)
+
+        try:
+            record = await poll(
+                rejected, timeout=REQUEST_TIMEOUT, interval=0.05, what="spiffe-proxy logged no rejection"
+            )
+        except DemoError as err:
+            raise DemoError(f"{err} (the intruder saw: {outcome})", proxy) from None
+        if self.backend_requests("legacy") != requests_before:
+            raise DemoError("the legacy service received the intruder's request", self.services["legacy"])
+        say.detail(f"the intruder saw: {outcome}")
+        say.detail(f"spiffe-proxy logged: connection rejected, {record.get('reason')}")
+        say.detail("the legacy service never saw the request")
+        say.ok(
+            f"intruder {INTRUDER_ID} rejected by spiffe-proxy during the TLS handshake: "
+            "its SPIFFE ID is not one the proxy allows"
+        )
+
+    # 8
     async def update_ttl(self, entry_id: str, ttl: int) -> None:
         """``spiffe-server entry update`` with a new X.509 TTL, sent straight to the registration API.
 
@@ -762,7 +893,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m demo",
         description="Run spiffe-sidecar on this machine: control plane, agent, two services behind Envoy "
-        "sidecars; mTLS, an intruder refused, a live rotation. Ctrl-C stops everything.",
+        "sidecars and a legacy one behind spiffe-proxy; mTLS, an intruder refused, a live rotation. "
+        "Ctrl-C stops everything.",
     )
     parser.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after the steps and SECONDS")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")

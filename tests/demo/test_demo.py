@@ -1,6 +1,6 @@
 """``make demo`` end to end: ``python -m demo`` as a subprocess, with every real process it starts.
 
-One run goes through the seven steps and stops by itself (``--duration``); two more are
+One run goes through the eight steps and stops by itself (``--duration``); two more are
 interrupted with SIGINT, once while the sidecars are starting and once after the steps, as a
 Ctrl-C would. Each must stop everything it started: no process carrying the run's marker
 (``SPIFFE_DEMO_RUN=<work directory>`` in its environment) may outlive it, and the work directory
@@ -68,18 +68,36 @@ def test_demo_runs_every_step_and_stops_by_itself() -> None:
     for line in (
         "OK  control plane up",
         "OK  agent attested (pid ",
-        "OK  3 entries registered",
+        "OK  4 entries registered",
         "OK  frontend sidecar (pid ",
         "OK  backend sidecar (pid ",
         "OK  frontend -> backend over mTLS succeeded: the backend saw the caller spiffe://demo.example/frontend",
         "OK  intruder spiffe://demo.example/intruder rejected by the backend's sidecar during the TLS handshake: "
         "its SPIFFE ID is not one the sidecar allows",
+        "OK  frontend -> legacy service through spiffe-proxy succeeded: "
+        "the proxy let in spiffe://demo.example/frontend",
+        "OK  intruder spiffe://demo.example/intruder rejected by spiffe-proxy during the TLS handshake: "
+        "its SPIFFE ID is not one the proxy allows",
         "Stopping after 5 s (--duration).",
     ):
         assert line in done.stdout, output
     assert "received its certificate over SDS: spiffe://demo.example/frontend, serial " in done.stdout
     assert "received its certificate over SDS: spiffe://demo.example/backend, serial " in done.stdout
     assert "URI=spiffe://demo.example/frontend" in done.stdout  # the x-forwarded-client-cert header
+    # The legacy step: spiffe-proxy took its identity from the agent's Workload API, the legacy
+    # service answered the frontend through it, and the proxy logged both decisions.
+    assert re.search(
+        r"spiffe-proxy ready: server mode, listening on 127\.0\.0\.1:\d+, upstream 127\.0\.0\.1:\d+, "
+        r"identity spiffe://demo\.example/legacy\n",
+        done.stdout,
+    ), output
+    assert "legacy service answered: 'hello from the legacy service (plain HTTP, no TLS)'" in done.stdout
+    assert "spiffe-proxy logged: connection accepted, spiffe_id spiffe://demo.example/frontend" in done.stdout
+    assert (
+        'spiffe-proxy logged: connection rejected, authorize: "spiffe://demo.example/intruder" is not allowed: '
+        'want one of IDs ["spiffe://demo.example/frontend"]'
+    ) in done.stdout
+    assert "stopped spiffe-proxy (the legacy service's)" in done.stdout
     rotation = re.search(r"OK  rotation seen live in \d+ ms: .* (?P<n>\d+) requests meanwhile, 0 failed", done.stdout)
     assert rotation is not None, output
     assert int(rotation["n"]) > 0
@@ -91,7 +109,7 @@ def test_demo_runs_every_step_and_stops_by_itself() -> None:
 @pytest.mark.parametrize(
     ("interrupt_after", "code", "said"),
     [
-        pytest.param("[4/7] ", 130, "Interrupted (SIGINT) during step 4; stopping.", id="while-sidecars-start"),
+        pytest.param("[4/8] ", 130, "Interrupted (SIGINT) during step 4; stopping.", id="while-sidecars-start"),
         pytest.param("All steps done.", 0, "Stopping (SIGINT).", id="after-the-steps"),
     ],
 )
