@@ -7,6 +7,12 @@ of an agent ID in this trust domain, of an agent the store knows, that is not ba
 leaf must be the agent's newest SVID (its serial). An agent can only ever obtain SVIDs for the
 entries authorized for it, whatever it asks for: the entry, not the CSR, decides the SPIFFE ID.
 
+The watch also carries the bundles of federated trust domains, but only those that some entry
+authorized for the agent federates with (the agent hands each workload only its own entries'
+ones): the whole set first, before the snapshot, then again whenever it changes, before the
+entry deltas that may have changed it, so a workload never sees an entry's new federation before
+the bundle it needs.
+
 ``BatchNewX509SVID`` is the hot path: each item costs a CSR self-signature check and a signing,
 about the same each. cryptography releases the GIL while it verifies but holds it while it
 signs, so the checks of a batch go to a small thread pool up front and each item is signed on
@@ -37,7 +43,7 @@ from controlplane.authorized import diff
 from controlplane.model import AttestedAgent, ModelError, RegistrationEntry, is_agent_id
 from controlplane.store import Store
 from controlplane.store.errors import NotFoundError
-from spiffecore import SpiffeError, SpiffeID, TrustDomain, verify_x509_svid
+from spiffecore import SpiffeBundle, SpiffeError, SpiffeID, TrustDomain, verify_x509_svid
 from spiffeproto import agent_pb2, agent_pb2_grpc, types_pb2
 
 MAX_BATCH: Final = 1000
@@ -247,6 +253,14 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         self._authorized[key] = (generation, found)
         return found
 
+    def _federated_for(self, entries: Mapping[str, RegistrationEntry]) -> dict[TrustDomain, SpiffeBundle]:
+        """The federated bundles the server has of the trust domains that ``entries`` federate with."""
+        available = self._hub.federated
+        if not available:
+            return {}
+        wanted = {td for entry in entries.values() for td in entry.federates_with}
+        return {td: available[td] for td in sorted(wanted) if td in available}
+
     def _bundle(self) -> types_pb2.Bundle:
         assert self._hub.bundle is not None, "the hub is loaded before the API serves"
         return bundle_to_proto(self._hub.bundle)
@@ -353,11 +367,13 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
     async def _watch(
         self, agent: AttestedAgent, page_size: int, context: Context
     ) -> AsyncGenerator[agent_pb2.WatchEntriesResponse, None]:
-        """The bundle, the snapshot pages, then a delta (and the bundle) at every change that concerns ``agent``."""
+        """The bundle, the federated bundles, the snapshot pages; then what changed, when it concerns ``agent``."""
         generation = self._hub.generation
         sent_bundle = self._hub.bundle
         yield agent_pb2.WatchEntriesResponse(bundle=self._bundle())
         current = self._authorized_for(agent)
+        sent_federated = self._federated_for(current)
+        yield _federated_message(sent_federated)
         ordered = sorted(current.values(), key=lambda entry: entry.id)
         revision = self._hub.revision
         for start in range(0, max(len(ordered), 1), page_size):
@@ -376,6 +392,12 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             latest = self._authorized_for(agent)
             upserted, removed = diff(current, latest)
             current = latest
+            federated = self._federated_for(current)
+            if federated.keys() != sent_federated.keys() or any(
+                federated[td] is not sent_federated[td] for td in federated
+            ):
+                sent_federated = federated
+                yield _federated_message(federated)
             for start in range(0, max(len(upserted), len(removed)), page_size):
                 deltas = agent_pb2.EntryDeltas(
                     upserted=[entry_to_proto(e) for e in upserted[start : start + page_size]],
@@ -465,6 +487,11 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
     ) -> agent_pb2.GetBundleResponse:
         await self._authenticate(context)
         return agent_pb2.GetBundleResponse(bundle=self._bundle())
+
+
+def _federated_message(bundles: Mapping[TrustDomain, SpiffeBundle]) -> agent_pb2.WatchEntriesResponse:
+    federated = agent_pb2.FederatedBundles(bundles=[bundle_to_proto(bundle) for bundle in bundles.values()])
+    return agent_pb2.WatchEntriesResponse(federated_bundles=federated)
 
 
 def _not_authorized(item: agent_pb2.NewX509SVIDParams) -> agent_pb2.X509SVIDResult:

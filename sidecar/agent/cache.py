@@ -26,6 +26,11 @@ or at once when the entry's SPIFFE ID, DNS names or X.509 TTL are no longer thos
 for. An SVID is never served after it expires, nor for a SPIFFE ID the entry no longer has; while
 the control plane is away, SVIDs keep being served until they expire.
 
+**Federated bundles.** The control plane sends the bundles of the foreign trust domains that the
+agent's entries federate with, as a whole set each time. A workload is given only those its own
+served entries name in ``federates_with``; bundles of different trust domains are never merged,
+and a bundle that did not change keeps its object, so the Workload API and SDS see no change.
+
 **Generation.** A counter bumped on every change a workload could see: entries, bundles, SVIDs
 stored or dropped. :meth:`AgentCache.changed` waits for it to move.
 """
@@ -42,7 +47,14 @@ from typing import Final
 
 from sidecar.agent import rotation
 from sidecar.agent.jwtcache import DEFAULT_MAX_SIZE, JWTFetch, JWTSVIDCache
-from sidecar.agent.serverapi import BundleUpdate, Entry, EntryDeltas, SnapshotPage, WatchEvent
+from sidecar.agent.serverapi import (
+    BundleUpdate,
+    Entry,
+    EntryDeltas,
+    FederatedBundlesUpdate,
+    SnapshotPage,
+    WatchEvent,
+)
 from sidecar.workload.identities import X509Context
 from spiffecore import (
     JWTSVID,
@@ -224,7 +236,7 @@ class AgentCache:
 
     @property
     def federated(self) -> Mapping[TrustDomain, SpiffeBundle]:
-        """Bundles of other trust domains (none yet: federation arrives with a later change)."""
+        """Bundles of the federated trust domains the agent's entries federate with."""
         return MappingProxyType(self._federated)
 
     @property
@@ -327,6 +339,8 @@ class AgentCache:
         """Apply a watch event; return whether anything changed (the generation moved)."""
         if isinstance(event, BundleUpdate):
             return self.set_bundle(event.bundle)
+        if isinstance(event, FederatedBundlesUpdate):
+            return self.set_federated(event.bundles)
         if isinstance(event, SnapshotPage):
             pending = self._pending if self._pending is not None else {}
             pending.update((entry.id, entry) for entry in event.entries)
@@ -367,6 +381,25 @@ class AgentCache:
         if bundle == self._bundle:
             return False
         self._bundle = bundle
+        self._bump()
+        return True
+
+    def set_federated(self, bundles: Mapping[TrustDomain, SpiffeBundle]) -> bool:
+        """Replace the federated bundles with ``bundles``; return whether they differ from those held.
+
+        A bundle equal to the one held keeps the held object (readers compare bundles by identity).
+        """
+        for trust_domain, bundle in bundles.items():
+            if trust_domain == self._trust_domain or bundle.trust_domain != trust_domain:
+                raise CacheError(
+                    f"a federated bundle must be of a trust domain other than {self._trust_domain}, under its name",
+                    trust_domain.name,
+                )
+        held = self._federated
+        kept = {td: held[td] if held.get(td) == bundle else bundle for td, bundle in bundles.items()}
+        if kept.keys() == held.keys() and all(kept[td] is held[td] for td in kept):
+            return False
+        self._federated = kept
         self._bump()
         return True
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Final, NamedTuple, Self, TypeAlias
 
 import grpc
@@ -142,6 +142,17 @@ class BundleUpdate:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FederatedBundlesUpdate:
+    """The bundles of the federated trust domains the agent's entries federate with: the whole set.
+
+    Sent first on every watch (before the snapshot) and whenever the set changes; a trust domain
+    missing from it is no longer trusted.
+    """
+
+    bundles: Mapping[TrustDomain, SpiffeBundle]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SnapshotPage:
     """A page of the entries authorized for the agent; deltas follow the ``last`` page."""
 
@@ -159,7 +170,7 @@ class EntryDeltas:
     revision: int
 
 
-WatchEvent: TypeAlias = BundleUpdate | SnapshotPage | EntryDeltas
+WatchEvent: TypeAlias = BundleUpdate | FederatedBundlesUpdate | SnapshotPage | EntryDeltas
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,6 +236,16 @@ def bundle_from_proto(message: types_pb2.Bundle) -> SpiffeBundle:
         raise _malformed("bundle", err) from err
 
 
+def federated_from_proto(message: agent_pb2.FederatedBundles) -> FederatedBundlesUpdate:
+    bundles: dict[TrustDomain, SpiffeBundle] = {}
+    for item in message.bundles:
+        bundle = bundle_from_proto(item)
+        if bundle.trust_domain in bundles:
+            raise _malformed("federated bundles", ValueError(f"two bundles of {bundle.trust_domain}"))
+        bundles[bundle.trust_domain] = bundle
+    return FederatedBundlesUpdate(bundles=MappingProxyType(bundles))
+
+
 def chain_from_proto(message: types_pb2.X509SVID) -> tuple[x509.Certificate, ...]:
     try:
         chain = tuple(x509.load_der_x509_certificate(der) for der in message.cert_chain)
@@ -246,6 +267,8 @@ def watch_event_from_proto(message: agent_pb2.WatchEntriesResponse) -> WatchEven
     kind = message.WhichOneof("event")
     if kind == "bundle":
         return BundleUpdate(bundle=bundle_from_proto(message.bundle))
+    if kind == "federated_bundles":
+        return federated_from_proto(message.federated_bundles)
     if kind == "snapshot":
         page = message.snapshot
         entries = tuple(entry_from_proto(e) for e in page.entries)
@@ -469,7 +492,8 @@ class AgentAPIClient:
         return svid
 
     async def watch_entries(self, page_size: int = 0) -> AsyncGenerator[WatchEvent, None]:
-        """The bundle, the entries authorized for this agent in snapshot pages, then changes as they happen.
+        """The bundle, the federated bundles, the entries authorized for this agent in snapshot pages,
+        then changes as they happen.
 
         The stream never ends on its own; stop iterating (or close the generator) to end it.
         A new bundle is also kept for later channels (and :attr:`identity`).

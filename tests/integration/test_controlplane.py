@@ -23,6 +23,7 @@ from sidecar.agent.serverapi import (
     AgentIdentity,
     BundleUpdate,
     EntryDeltas,
+    FederatedBundlesUpdate,
     ServerAPIError,
     SnapshotPage,
     attest,
@@ -150,6 +151,7 @@ async def test_a_join_token_alias_authorizes_the_entries_under_it(server: Server
     async with AgentAPIClient(agent, server.address) as client, watching(client) as watcher:
         _, bundle = await watcher.next()
         assert isinstance(bundle, BundleUpdate)
+        assert (await watcher.next())[1] == FederatedBundlesUpdate(bundles={})
         _, page = await watcher.next()
         assert isinstance(page, SnapshotPage)
         assert page.last
@@ -241,6 +243,7 @@ async def test_watch_sends_bundle_snapshot_pages_then_deltas(server: ServerProce
         _, first = await watcher.next()
         assert isinstance(first, BundleUpdate)
         assert first.bundle.x509 == server.bundle().x509
+        assert (await watcher.next())[1] == FederatedBundlesUpdate(bundles={})  # no entry federates
         pages = [(await watcher.next())[1] for _ in range(3)]
         assert all(isinstance(page, SnapshotPage) for page in pages)
         snapshot = [page for page in pages if isinstance(page, SnapshotPage)]

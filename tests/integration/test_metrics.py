@@ -105,6 +105,7 @@ async def test_open_watch_streams_are_a_gauge(status_server: tuple[ServerProcess
     async with AgentAPIClient(agent, server.address) as client:
         async with watching(client) as first:
             await first.next()  # the bundle
+            await first.next()  # the federated bundles
             assert isinstance((await first.next())[1], SnapshotPage)
             await until_watch_streams(status, 1)
             async with watching(client) as second:

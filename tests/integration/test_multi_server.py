@@ -16,7 +16,7 @@ import grpc
 import pytest
 from sqlalchemy.engine import URL
 
-from sidecar.agent.serverapi import AgentAPIClient, BundleUpdate, EntryDeltas, SnapshotPage
+from sidecar.agent.serverapi import AgentAPIClient, BundleUpdate, EntryDeltas, FederatedBundlesUpdate, SnapshotPage
 from spiffecore import SpiffeBundle
 from spiffeproto import registration_pb2, registration_pb2_grpc, types_pb2
 from tests.controlplane.store.conftest import postgres_database
@@ -59,6 +59,7 @@ async def test_two_servers_share_bundle_entries_and_agents(servers: tuple[Server
         assert (await on_b.get_bundle()).x509 == bundle.x509
         async with watching(on_b) as watcher, grpc.aio.insecure_channel(f"unix:{a.admin_socket}") as admin:
             assert isinstance((await watcher.next())[1], BundleUpdate)
+            assert isinstance((await watcher.next())[1], FederatedBundlesUpdate)
             page = (await watcher.next())[1]
             assert isinstance(page, SnapshotPage)
             assert page.entries == ()

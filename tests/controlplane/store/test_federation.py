@@ -77,7 +77,7 @@ def test_a_second_relationship_with_the_same_trust_domain_is_refused(store: Stor
 
 
 def test_a_bundle_of_another_trust_domain_is_refused(store: Store) -> None:
-    with pytest.raises(StoreError, match="bundle of third.org given for the relationship with"):
+    with pytest.raises(StoreError, match=r"bundle of third\.org given for the relationship with"):
         store.create_federation_relationship(spiffe_relationship(), TestCA.create("third.org").bundle())
 
 
@@ -91,7 +91,7 @@ def test_deleting_a_relationship_removes_its_bundle(store: Store) -> None:
     assert store.federated_bundles() == {}
     assert store.list_federation_relationships() == []
     assert store.federation_revision() == 2
-    with pytest.raises(NotFoundError, match='no federation relationship with this trust domain: "other.org"'):
+    with pytest.raises(NotFoundError, match=r'no federation relationship with this trust domain: "other\.org"'):
         store.get_federation_relationship(OTHER)
     with pytest.raises(NotFoundError):
         store.delete_federation_relationship(OTHER)

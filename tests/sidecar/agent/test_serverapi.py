@@ -30,6 +30,7 @@ from sidecar.agent.serverapi import (
     AgentIdentity,
     BundleUpdate,
     EntryDeltas,
+    FederatedBundlesUpdate,
     ServerAPIError,
     SnapshotPage,
     attest,
@@ -275,6 +276,7 @@ async def test_a_watch_survives_renewal_and_the_old_channel_closes_after_it(
     async with AgentAPIClient(identity, server.address) as client:
         events = client.watch_entries()
         assert isinstance(await anext(events), BundleUpdate)
+        assert await anext(events) == FederatedBundlesUpdate(bundles={})
         page = await anext(events)
         assert page == SnapshotPage(entries=(), last=True, revision=page.revision)  # type: ignore[union-attr]
         await client.renew()
