@@ -265,6 +265,7 @@ async def test_proxy_client_mode_to_envoy_inbound_and_envoy_outbound_to_proxy_se
         # (a) refused: the inbound Envoy does not let LEGACY_DB in; the web app never hears of it.
         refused_before = ssl_counter(inbound, "listener.", "fail_verify_san")
         assert await http_get(*wrong_client.host_port) == b""
+        await inbound.wait_for(lambda envoy: ssl_counter(envoy, "listener.", "fail_verify_san") > refused_before)
         assert ssl_counter(inbound, "listener.", "fail_verify_san") == refused_before + 1
         assert web_app.requests == 3
 
@@ -282,8 +283,7 @@ async def test_proxy_client_mode_to_envoy_inbound_and_envoy_outbound_to_proxy_se
         status, _ = status_and_body(await http_get("127.0.0.1", wrong_outbound.listener_port("outbound_http")))
         assert status == 503
         assert legacy.requests == 3
-        rejected = db_proxy.logged("connection rejected")
-        assert rejected, db_proxy.stderr[-4000:]
+        rejected = await asyncio.to_thread(db_proxy.wait_logged, "connection rejected")
         assert {line["spiffe_id"] for line in rejected} == {WEB}
         assert {line["reason"] for line in rejected} == {
             f'authorize: "{WEB}" is not allowed: want one of IDs ["{FRONTEND}"]'

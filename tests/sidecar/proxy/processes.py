@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import sysconfig
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,14 @@ class ProxyProcess:
 
     def logged(self, message: str) -> list[dict[str, Any]]:
         return [line for line in self.logs() if line.get("msg") == message]
+
+    def wait_logged(self, message: str, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The log lines with ``message``, once there is one (a peer may see the outcome first)."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.logged(message)):
+            assert time.monotonic() < deadline, f"no {message!r} log line within {timeout} s\n{self.stderr[-4000:]}"
+            time.sleep(0.02)
+        return found
 
     def stop(self) -> int:
         """SIGTERM (graceful drain), then the exit code; killed if it does not exit in time."""
