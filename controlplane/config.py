@@ -19,7 +19,7 @@ from controlplane.ca.config import CAConfig
 from controlplane.ca.keys import KeyType
 from spiffecore import SpiffeIDError, TrustDomain
 from spiffeops.config import Duration
-from spiffeops.status import parse_host_port
+from spiffeops.status import AddressError, parse_host_port
 
 DEFAULT_DATA_DIR: Final = Path(".spiffe-server")
 DEFAULT_BIND: Final = "127.0.0.1:8081"
@@ -119,7 +119,10 @@ class BundleEndpointSection:
     refresh_hint: Duration = timedelta(minutes=5)
 
     def __post_init__(self) -> None:
-        parse_host_port(self.address)
+        try:
+            parse_host_port(self.address)
+        except AddressError as err:
+            raise ValueError(f"address must be HOST:PORT, [IPV6]:PORT or :PORT: {self.address!r}") from err
         if self.profile == "https_web" and (self.cert is None or self.key is None):
             raise ValueError("the https_web profile needs cert and key")
         if self.profile == "https_spiffe" and (self.cert is not None or self.key is not None):

@@ -18,6 +18,7 @@ import json
 import ssl
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,19 @@ from typing import Any, Final
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from sidecar.agent.serverapi import AgentAPIClient, BundleUpdate, EntryDeltas, FederatedBundlesUpdate, SnapshotPage
 from spiffecore import X509SVID
+from spiffecore.der import dump_pem_certificates
 from spiffecore.tls import load_svid
 from tests.deploy.support import ENVOY_DIR, load_renderer
+from tests.integration.support import create_entry, join, watching
 from tests.sidecar.proxy.processes import start_proxy
 from tests.support.agent import AgentProcess, free_port, remove_socket_dir, socket_dir, start_agent
+from tests.support.ca import TestCA
 from tests.support.envoy import EnvoyProcess, start_envoy
-from tests.support.server import ServerProcess, start_server
+from tests.support.server import ServerProcess, running_server, start_server
 
 A: Final = "a.example"
 B: Final = "b.example"
@@ -163,6 +169,87 @@ def test_a_relationship_is_created_shown_listed_refreshed_and_deleted(server: Se
     assert deleted.stdout.startswith("trust_domain             other.org\n")
     missing = server.cli("federation", "show", "--trust-domain", "other.org", check=False)
     assert missing.stderr == 'spiffe-server: store: no federation relationship with this trust domain: "other.org"\n'
+
+
+async def test_agents_get_the_foreign_bundles_their_entries_federate_with(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    foreign = TestCA.create("watched.org").bundle(sequence=3)
+    bundle_file = tmp_path / "watched.json"
+    bundle_file.write_bytes(foreign.to_json())
+    await server.acli(
+        "federation", "create", "--trust-domain", "watched.org", "--bundle-endpoint-url", URL,
+        "--bundle-endpoint-profile", "https_web", "--trust-domain-bundle", str(bundle_file),
+        "--trust-domain-bundle-format", "spiffe",
+    )  # fmt: skip
+    try:
+        federating, other = await join(server), await join(server)
+        await create_entry(server, federating.svid.id, "--federates-with", "watched.org")
+        plain = await create_entry(server, other.svid.id)
+        async with (
+            AgentAPIClient(federating, server.address) as client,
+            AgentAPIClient(other, server.address) as other_client,
+            watching(client) as watcher,
+            watching(other_client) as other_watcher,
+        ):
+            assert isinstance((await watcher.next())[1], BundleUpdate)
+            (_, update) = await watcher.next()
+            assert update == FederatedBundlesUpdate(bundles={foreign.trust_domain: foreign})
+            assert isinstance((await watcher.next())[1], SnapshotPage)
+            assert isinstance((await other_watcher.next())[1], BundleUpdate)
+            assert (await other_watcher.next())[1] == FederatedBundlesUpdate(bundles={})  # its entry does not federate
+            assert isinstance((await other_watcher.next())[1], SnapshotPage)
+
+            # The other agent's entry starts federating: the bundle comes first, then the entry.
+            await server.acli(
+                "entry", "update", plain["id"], "--spiffe-id", plain["spiffe_id"], "--parent-id", str(other.svid.id),
+                "--selector", "unix:uid:1000", "--federates-with", "watched.org",
+            )  # fmt: skip
+            assert (await other_watcher.next())[1] == FederatedBundlesUpdate(bundles={foreign.trust_domain: foreign})
+            assert isinstance((await other_watcher.next())[1], EntryDeltas)
+
+            # The relationship goes: both agents are told the set is empty.
+            await server.acli("federation", "delete", "--trust-domain", "watched.org")
+            assert (await watcher.next())[1] == FederatedBundlesUpdate(bundles={})
+            assert (await other_watcher.next())[1] == FederatedBundlesUpdate(bundles={})
+    finally:
+        await server.acli("federation", "delete", "--trust-domain", "watched.org", check=False)
+
+
+def test_an_https_web_endpoint_is_fetched_with_the_configured_web_roots(tmp_path: Path) -> None:
+    web_ca = TestCA.create("web.example")
+    leaf = web_ca.mint(uris=[], dns_names=["localhost"])
+    cert, key, roots = tmp_path / "web.pem", tmp_path / "web.key", tmp_path / "web-roots.pem"
+    cert.write_bytes(dump_pem_certificates(leaf.chain))
+    key.write_bytes(leaf.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    roots.write_bytes(dump_pem_certificates([web_ca.cert]))
+    port, status = free_port(), f"127.0.0.1:{free_port()}"
+    (tmp_path / "web-server.yaml").write_text(
+        f"trust_domain: web.test\nstatus: {status}\nfederation:\n  bundle_endpoint:\n"
+        f"    address: 127.0.0.1:{port}\n    profile: https_web\n    cert: {cert}\n    key: {key}\n"
+        f"    refresh_hint: 90s\n"
+    )
+    (tmp_path / "client.yaml").write_text(f"trust_domain: client.test\nfederation:\n  web_roots: {roots}\n")
+    with (
+        running_server(tmp_path / "web-data", config=tmp_path / "web-server.yaml") as web,
+        running_server(tmp_path / "client-data", config=tmp_path / "client.yaml") as client,
+    ):
+        client.cli(
+            "federation", "create", "--trust-domain", "web.test",
+            "--bundle-endpoint-url", f"https://localhost:{port}/", "--bundle-endpoint-profile", "https_web",
+        )  # fmt: skip
+        refreshed = client.cli_json("federation", "refresh", "--trust-domain", "web.test")
+        assert refreshed["last_error"] == ""
+        assert refreshed["trust_domain_bundle"]["spiffe_refresh_hint"] == 90
+        served = json.loads(web.cli("bundle", "show", "--format", "spiffe").stdout)
+        assert refreshed["trust_domain_bundle"]["keys"] == served["keys"]
+        metrics = http_get_text(f"http://{status}/metrics")
+        assert 'spiffe_server_bundle_endpoint_requests_total{result="ok"}' in metrics
+
+
+def http_get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - a test's own http URL
+        return str(response.read().decode())
 
 
 # --- two trust domains on one machine -------------------------------------------------------------
