@@ -51,7 +51,7 @@ test: lint unit ## lint, types, import contracts and the whole test suite
 # demo/run.py takes --duration SECONDS, --keep, --quiet, --pause SECONDS: make demo DEMO_ARGS=--keep
 DEMO_ARGS ?=
 
-demo: $(INSTALLED) ## run the whole system on this machine, narrated (control plane, agent, Envoy sidecars); Ctrl-C stops it
+demo: $(INSTALLED) ## run the whole system on this machine, narrated (control plane, agent, Envoy sidecars, a legacy service behind spiffe-proxy); Ctrl-C stops it
 	$(PY) -m demo $(DEMO_ARGS)
 
 bench: $(INSTALLED) services ## the benchmarks in bench/ (each prints a table against its peers)
