@@ -102,6 +102,7 @@ class BundlePoller:
         try:
             while True:
                 wait = self._recheck
+                self._poked.clear()  # before reading: a poke while reading means "read again"
                 try:
                     statuses = await asyncio.to_thread(self._store.list_federation_relationships)
                 except StoreError:
@@ -109,7 +110,6 @@ class BundlePoller:
                     statuses = None
                 if statuses is not None:
                     wait = min(wait, self._start_due(statuses))
-                self._poked.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poked.wait(), timeout=max(wait, 0.01))
         finally:
