@@ -948,7 +948,11 @@ class Settings:
     peers: tuple[str, ...]
 
 
-def measure(settings: Settings, files: Files, workdir: Path) -> tuple[dict[str, Samples], dict[str, Probe], float]:
+def measure(
+    settings: Settings, files: Files, workdir: Path
+) -> tuple[dict[str, Samples], dict[str, Probe], list[float]]:
+    """Every phase, every repetition, the peers interleaved; also the load average after each round."""
+    loads = [os.getloadavg()[0]]
     upstream = Upstream.start()
     running: dict[str, Running] = {}
     resuming: dict[str, Running] = {}
@@ -1013,7 +1017,8 @@ def measure(settings: Settings, files: Files, workdir: Path) -> tuple[dict[str, 
             for name, measured in found.items():
                 samples[name].p50.append(measured.added[0])
                 samples[name].p99.append(measured.added[1])
-        return samples, probes, os.getloadavg()[0]
+            loads.append(os.getloadavg()[0])
+        return samples, probes, loads
     finally:
         for peer in [*running.values(), *resuming.values()]:
             peer.stop()
@@ -1104,12 +1109,13 @@ def verdicts(samples: dict[str, Samples]) -> list[Verdict]:
     return found
 
 
-def render(settings: Settings, samples: dict[str, Samples], probes: dict[str, Probe], load: tuple[float, float]) -> str:
+def render(settings: Settings, samples: dict[str, Samples], probes: dict[str, Probe], loads: Sequence[float]) -> str:
     lines = [
         "spiffe-proxy against Envoy, HAProxy and stunnel: mTLS termination in front of one plaintext upstream",
         f"  machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs shared by the proxy, the client "
         "processes, the upstream and any other work on the host",
-        f"  load: 1-minute load average {load[0]:.2f} at the start, {load[1]:.2f} at the end",
+        f"  load: 1-minute load average {loads[0]:.2f} at the start, then after each round: "
+        + ", ".join(f"{load:.2f}" for load in loads[1:]),
         f"  run: --gib {settings.gib:g} per direction, --handshakes {settings.handshakes} from --clients "
         f"{settings.clients} processes, --rounds {settings.rounds}, --repeat {settings.repeat} (medians; peers "
         "interleaved)",
@@ -1170,12 +1176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat=args.repeat,
             peers=peers,
         )
-    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as name:
         workdir = Path(name)
         files = Files.mint(workdir)
-        samples, probes, load_after = measure(settings, files, workdir)
-    print(render(settings, samples, probes, (load_before, load_after)))
+        samples, probes, loads = measure(settings, files, workdir)
+    print(render(settings, samples, probes, loads))
     return 0
 
 
