@@ -37,7 +37,9 @@ a preallocated buffer; the clients are processes of this script, pyOpenSSL on Op
   ``--rounds`` round trips through each peer and as many direct to the upstream over plain TCP,
   from one client process in which the routes take turns in blocks of 50 (so a noisy moment
   falls on all of them); the percentile through the proxy minus the same percentile direct (the
-  client's own TLS work is in the difference, alike for every peer).
+  client's own TLS work is in the difference, alike for every peer). Absolute latencies depend on
+  how idle the CPUs are (an idle virtual CPU wakes slowly; on this machine the direct p50 goes
+  from ~15 µs when busy to ~60-90 µs when idle): compare the peers within one run.
 
 The proxy's CPU is user + system time from /proc/<pid>/stat of its process and any children, read
 before and after each phase. The machine has 2 CPUs shared by the proxy, the clients, the upstream
