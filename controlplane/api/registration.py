@@ -160,7 +160,9 @@ class RegistrationService(registration_pb2_grpc.RegistrationAPIServicer):
         ttl = timedelta(seconds=request.ttl) if request.ttl else DEFAULT_TOKEN_TTL
         if not timedelta(seconds=1) <= ttl <= MAX_TOKEN_TTL:
             await abort_with(context, ModelError("join token TTL must be from 1 second to 30 days", request.ttl))
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        # Hex, not urlsafe base64: a token that began with '-' read as a flag on a command line
+        # (spiffe-agent run --join-token TOKEN failed once in 64 tokens).
+        token = secrets.token_hex(TOKEN_BYTES)
         try:
             alias = parse_spiffe_id(request.alias, what="alias") if request.alias else None
             if alias is not None and alias.trust_domain != self._trust_domain:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from datetime import UTC, datetime
 
@@ -69,6 +70,8 @@ async def drain(watcher: Watcher) -> None:
 
 async def test_join_token_agent_id_and_svid_verifies_against_the_cli_bundle(server: ServerProcess) -> None:
     token = await server.atoken()
+    # 48 hex digits: never a leading '-' that a command line would take for a flag.
+    assert re.fullmatch(r"[0-9a-f]{48}", token), token
     identity = await attest(
         server.address, roots_pem=server.roots_pem(), attestation_type=JOIN_TOKEN, payload=token.encode()
     )
