@@ -436,8 +436,7 @@ async def test_two_trust_domains_federate_and_stop_when_a_relationship_is_delete
             domain.directory / "agent",
             domain.server.address,
             socket_path=sockets / domain.name / "api.sock",
-            # "--join-token=TOKEN": a token may start with "-", which argparse takes for an option.
-            extra=[f"--join-token={domain.server.token('--spiffe-id', node)}"],
+            extra=["--join-token", domain.server.token("--spiffe-id", node)],
             trust_bundle=roots,
             trust_domain=domain.name,
         )
