@@ -136,8 +136,8 @@ def handshake_table(ca: TestCA, count: int) -> None:
     bundles = BundleSet.of(ca.bundle())
     std_s, std_c = server_context(server_svid, bundles), client_context(client_svid, bundles)
 
-    def accept_all(*args: object) -> bool:
-        return bool(args[-1])
+    def accept_all(ok: int, store: object) -> int:
+        return ok
 
     oss_s = build_context(server_svid, bundles, accept_all, server_side=True)
     oss_c = build_context(client_svid, bundles, accept_all, server_side=False)

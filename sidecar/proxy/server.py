@@ -46,7 +46,7 @@ def handshake_reason(rule: str) -> Reason:
 
 def claimed_id(check: PeerCheck) -> str:
     """The SPIFFE ID the peer's leaf claims (verified or not), or "" when there is none."""
-    leaf = check.chain.get(0)
+    leaf = check.leaf
     if leaf is None:
         return ""
     try:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import MutableMapping
 from typing import Final
 
 import pytest
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from sidecar.proxy import relay
 from sidecar.proxy.tls import lib
@@ -47,6 +48,20 @@ def test_the_pyopenssl_internals_the_relay_calls_exist(ca: TestCA) -> None:
     conn = SSL.Connection(context, None)
     for name in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error"):
         assert hasattr(conn, name), name
+    # The verify callback (sidecar/proxy/tls.py): its own cffi callback on the context, the
+    # connection of an SSL *, the chain as DER, and the refusal's X.509 error.
+    for name in (
+        "SSL_CTX_set_verify", "X509_STORE_CTX_get_ex_data", "SSL_get_ex_data_X509_STORE_CTX_idx",
+        "X509_STORE_CTX_get_error", "X509_STORE_CTX_get_error_depth", "X509_STORE_CTX_set_error",
+        "X509_STORE_CTX_get1_chain", "X509_STORE_CTX_get0_cert", "sk_X509_num", "sk_X509_value", "sk_X509_free",
+        "X509_free", "X509_up_ref", "BIO_new", "BIO_s_mem", "BIO_get_mem_data", "BIO_free", "i2d_X509_bio",
+        "X509_V_ERR_CERT_REJECTED",
+    ):  # fmt: skip
+        assert hasattr(lib, name), name
+    assert hasattr(context, "_context")
+    assert isinstance(SSL.Connection._reverse_mapping, MutableMapping)
+    assert SSL.Connection._reverse_mapping[conn._ssl] is conn
+    assert callable(crypto.X509._from_raw_x509_ptr)
 
 
 def pattern(seed: int, size: int) -> bytes:

@@ -21,7 +21,8 @@ from sidecar.proxy.address import Address
 from sidecar.proxy.policy import Policy
 from sidecar.proxy.relay import Timeouts
 from sidecar.proxy.server import ProxyServer
-from sidecar.proxy.tls import ProxyTLS
+from sidecar.proxy.tls import CALLBACK_FAILED, ProxyTLS
+from spiffecore import SpiffeID
 from tests.sidecar.proxy.support import EchoUpstream, FedSource, context_of, echo_once, tls_client
 from tests.support.ca import NOW, TestCA
 
@@ -154,6 +155,115 @@ async def test_rejections_are_logged_with_the_reason(
     reasons = [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "connection rejected"]
     assert len(reasons) == 1
     assert reasons[0].startswith(reason), reasons
+
+
+def _alert(address: Address, context: ssl.SSLContext, version: ssl.TLSVersion) -> str:
+    """The alert the proxy refused ``context``'s client with, from the client's ``SSLError``.
+
+    In TLS 1.3 the client's handshake ends before the server has read its certificate: the alert
+    arrives at the first read. Nothing is sent, so the alert is never lost to a reset.
+    """
+    context.minimum_version = context.maximum_version = version
+    try:
+        with (
+            socket.create_connection((address.host, address.port), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            got = tls.recv(1)
+    except ssl.SSLError as err:
+        return str(err.reason)
+    raise AssertionError(f"the proxy let the client through (read {got!r})")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+@pytest.mark.parametrize(
+    ("case", "alert"),
+    [
+        # Ours: a verified SVID whose ID is not allowed, and a leaf that fails the SPIFFE check
+        # against its own trust domain's bundle (never internal_error, which reads like a bug).
+        ("disallowed-id", "SSLV3_ALERT_BAD_CERTIFICATE"),
+        ("signed-by-another-trust-domain", "SSLV3_ALERT_BAD_CERTIFICATE"),
+        # OpenSSL's own, unchanged.
+        ("expired", "SSLV3_ALERT_CERTIFICATE_EXPIRED"),
+        ("other-trust-domain-unknown", "TLSV1_ALERT_UNKNOWN_CA"),
+        ("no-client-cert", "no-client-cert"),
+    ],
+)
+async def test_a_refused_peer_gets_the_alert_that_names_the_problem(
+    rig: Rig, case: str, alert: str, version: ssl.TLSVersion
+) -> None:
+    if case == "disallowed-id":
+        context = rig.client("/intruder")
+    elif case == "signed-by-another-trust-domain":
+        context = tls_client(rig.other.mint(uris=["spiffe://example.org/client"]).svid(), rig.ca)
+    elif case == "expired":
+        minted = rig.ca.mint(ALLOWED, not_before=NOW - timedelta(hours=3), not_after=NOW - timedelta(hours=1))
+        context = tls_client(minted.svid(), rig.ca)
+    elif case == "other-trust-domain-unknown":
+        context = tls_client(TestCA.create("stranger.org").mint(ALLOWED).svid(), rig.ca)
+    else:
+        context = tls_client(None, rig.ca)
+        # TLS 1.3 has an alert for it; in TLS 1.2 OpenSSL sends handshake_failure.
+        alert = (
+            "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+            if version == ssl.TLSVersion.TLSv1_3
+            else "SSLV3_ALERT_HANDSHAKE_FAILURE"
+        )
+    assert await asyncio.to_thread(_alert, rig.address, context, version) == alert
+    assert rig.upstream.connections == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_openssl_s_client_with_a_disallowed_id_reads_bad_certificate(rig: Rig, tmp_path: Path) -> None:
+    svid = rig.ca.mint("/intruder").svid()
+    (tmp_path / "cert.pem").write_bytes(svid.cert_chain_pem())
+    (tmp_path / "key.pem").write_bytes(svid.private_key_pem())
+    (tmp_path / "ca.pem").write_bytes(rig.ca.x509_bundle().pem())
+    command = [
+        "openssl", "s_client", "-connect", str(rig.address), "-tls1_3", "-ign_eof", "-verify_return_error",
+        "-cert", str(tmp_path / "cert.pem"), "-key", str(tmp_path / "key.pem"), "-CAfile", str(tmp_path / "ca.pem"),
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(b""), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert b"alert bad certificate" in err, err.decode(errors="replace")
+    assert b"internal error" not in err
+
+
+class _BrokenAuthorizer:
+    """An authorizer with a bug: raises what no authorizer should."""
+
+    def __call__(self, peer: SpiffeID) -> None:
+        raise RuntimeError(f"bug while judging {peer}")
+
+
+async def test_a_bug_in_the_verify_callback_refuses_the_peer_and_is_logged(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.server.tls.authorizer = _BrokenAuthorizer()
+    with caplog.at_level(logging.INFO, logger="sidecar.proxy"):
+        alert = await asyncio.to_thread(_alert, rig.address, rig.client(), ssl.TLSVersion.TLSv1_3)
+        for _ in range(100):
+            if rig.server.rejected:
+                break
+            await asyncio.sleep(0.01)
+    assert alert == "TLSV1_ALERT_INTERNAL_ERROR"  # the truth, this time
+    assert rig.upstream.connections == 0
+    failures = [r for r in caplog.records if r.getMessage() == "the TLS verify callback failed"]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert "bug while judging spiffe://example.org/client" in str(failures[0].exc_info[1])
+    reasons = [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "connection rejected"]
+    assert reasons == [CALLBACK_FAILED]
+    # The server is unharmed: with a working authorizer again, the next peer gets through.
+    rig.server.tls.authorizer = Policy.from_rules(allow_id=[f"spiffe://example.org{ALLOWED}"]).authorizer()
+    assert await asyncio.to_thread(echo_once, rig.address, rig.client(), b"after the bug") == b"after the bug"
 
 
 async def test_other_trust_domain_in_the_bundle_set_is_verified_against_its_own_bundle(rig: Rig) -> None:
