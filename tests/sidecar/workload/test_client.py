@@ -66,7 +66,9 @@ async def test_jwt_svid_fetch_and_validate(served: Served, partner_ca: TestCA) -
         svids = await client.fetch_jwt_svids(["db", "cache"])
         ext = await client.fetch_jwt_svid("db", SpiffeID.parse("spiffe://example.org/web-ext"))
         validated = await client.validate_jwt_svid(svid.token, "db")
-        foreign = await client.validate_jwt_svid(partner_ca.mint_jwt("/api", audience="db"), "db")
+        foreign = await client.validate_jwt_svid(
+            partner_ca.mint_jwt("/api", now=datetime.now(UTC), audience="db"), "db"
+        )
     assert svid.id == SpiffeID.parse("spiffe://example.org/web")
     assert svid.hint == "internal"
     assert [s.id.path for s in svids] == ["/web", "/web-ext"]
@@ -79,7 +81,7 @@ async def test_jwt_svid_fetch_and_validate(served: Served, partner_ca: TestCA) -
 async def test_errors_carry_the_grpc_code(served: Served, ca: TestCA) -> None:
     async with WorkloadAPIClient(served.address) as client:
         with pytest.raises(WorkloadAPIError) as caught:
-            await client.validate_jwt_svid(ca.mint_jwt("/db", audience="x"), "db")
+            await client.validate_jwt_svid(ca.mint_jwt("/db", now=datetime.now(UTC), audience="x"), "db")
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert str(caught.value).startswith(
             'workloadapi: INVALID_ARGUMENT: jwtsvid: token audience does not include "db"'

@@ -22,7 +22,7 @@ from spiffecore import JWTSVID, X509SVID, BundleSet, JWTSVIDError, TrustDomain, 
 from spiffeproto import workload_pb2, workload_pb2_grpc
 from tests.sidecar.workload.conftest import PARTNER, Served
 from tests.sidecar.workload.support import SELECTORS
-from tests.support.ca import NOW, TestCA
+from tests.support.ca import TestCA
 
 HEADER = (("workload.spiffe.io", "true"),)
 if TYPE_CHECKING:
@@ -349,20 +349,21 @@ def claims(response: workload_pb2.ValidateJWTSVIDResponse) -> dict[str, Any]:
 
 
 async def test_validate_jwt_svid_of_own_trust_domain(stub: Stub, served: Served, ca: TestCA) -> None:
-    token = ca.mint_jwt("/db", audience="web", claims={"x-team": "payments"})
+    now = datetime.now(UTC).replace(microsecond=0)
+    token = ca.mint_jwt("/db", now=now, audience="web", claims={"x-team": "payments"})
     response = await validate(stub, token, "web")
     assert response.spiffe_id == "spiffe://example.org/db"
     assert claims(response) == {
         "sub": "spiffe://example.org/db",
         "aud": ["web"],  # a single-string aud comes back as a list
-        "exp": float(int((NOW + timedelta(minutes=5)).timestamp())),
-        "iat": float(int(NOW.timestamp())),
+        "exp": float(int((now + timedelta(minutes=5)).timestamp())),
+        "iat": float(int(now.timestamp())),
         "x-team": "payments",
     }
 
 
 async def test_validate_jwt_svid_of_federated_trust_domain(stub: Stub, served: Served, partner_ca: TestCA) -> None:
-    token = partner_ca.mint_jwt("/api", audience=["web"], claims={"x-team": "partners"})
+    token = partner_ca.mint_jwt("/api", now=datetime.now(UTC), audience=["web"], claims={"x-team": "partners"})
     response = await validate(stub, token, "web")
     assert response.spiffe_id == "spiffe://partner.org/api"
     assert set(claims(response)) == set(FOREIGN_CLAIMS)
@@ -380,10 +381,10 @@ async def test_validate_jwt_svid_refuses_invalid_tokens(
 ) -> None:
     audience = "web"
     tokens = {
-        "expired": ca.mint_jwt("/db", audience="web", now=NOW - timedelta(hours=2)),
-        "wrong-audience": ca.mint_jwt("/db", audience="other"),
-        "unknown-domain": TestCA.create("stranger.org").mint_jwt("/x", audience="web"),
-        "bad-signature": ca.mint_jwt("/db", audience="web", key=TestCA.create().jwt_key),
+        "expired": ca.mint_jwt("/db", audience="web", now=datetime.now(UTC) - timedelta(hours=2)),
+        "wrong-audience": ca.mint_jwt("/db", now=datetime.now(UTC), audience="other"),
+        "unknown-domain": TestCA.create("stranger.org").mint_jwt("/x", now=datetime.now(UTC), audience="web"),
+        "bad-signature": ca.mint_jwt("/db", now=datetime.now(UTC), audience="web", key=TestCA.create().jwt_key),
     }
     token = tokens[case]
     message = expected_error(token, audience, ca, partner_ca)
@@ -393,7 +394,7 @@ async def test_validate_jwt_svid_refuses_invalid_tokens(
 
 async def test_validate_jwt_svid_uses_only_the_callers_bundles(stub: Stub, served: Served, partner_ca: TestCA) -> None:
     del served.identities.entries[1]  # the caller no longer federates with partner.org
-    token = partner_ca.mint_jwt("/api", audience="web")
+    token = partner_ca.mint_jwt("/api", now=datetime.now(UTC), audience="web")
     assert await refusal(lambda: validate(stub, token, "web")) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         'jwtsvid: could not get JWT bundle (no JWT bundle for trust domain): "partner.org"',
@@ -413,7 +414,7 @@ async def test_validate_jwt_svid_requires_both_fields(
 async def test_invalid_token_is_never_logged(
     stub: Stub, served: Served, ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    token = ca.mint_jwt("/db", audience="other")
+    token = ca.mint_jwt("/db", now=datetime.now(UTC), audience="other")
     with caplog.at_level(logging.DEBUG):
         await refusal(lambda: validate(stub, token, "web"))
     assert caplog.records
