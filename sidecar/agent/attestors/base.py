@@ -127,3 +127,33 @@ def read_stat(pid: int, *, proc_root: Path = PROC_ROOT, dir_fd: int | None = Non
     if stat.exited:
         raise WorkloadAttestationError(f"process {pid} has exited")
     return stat
+
+
+_READ_SIZE: Final = 16 * 1024
+
+
+def read_proc_file(pid: int, name: str, dir_fd: int, *, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``/proc/<pid>/<name>``, read through the open ``/proc/<pid>``
+    directory ``dir_fd`` (so a PID reused since cannot answer), or :class:`WorkloadAttestationError`.
+
+    Plain reads into a small buffer: a buffered ``file.read(limit)`` would allocate the whole limit.
+    """
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except (FileNotFoundError, ProcessLookupError) as err:
+        raise WorkloadAttestationError(f"process {pid} has exited") from err
+    except OSError as err:
+        raise WorkloadAttestationError(f"cannot read the {name} of process {pid}: {err.strerror}") from err
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit and (chunk := os.read(fd, min(_READ_SIZE, limit - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except ProcessLookupError as err:
+        raise WorkloadAttestationError(f"process {pid} has exited") from err
+    except OSError as err:
+        raise WorkloadAttestationError(f"cannot read the {name} of process {pid}: {err.strerror}") from err
+    finally:
+        os.close(fd)

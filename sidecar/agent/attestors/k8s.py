@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sidecar.agent.attestors.base import PROC_ROOT, Caller, WorkloadAttestationError, read_stat
+from sidecar.agent.attestors.base import PROC_ROOT, Caller, WorkloadAttestationError, read_proc_file, read_stat
 from sidecar.agent.attestors.k8s_cgroup import PodContainer, container_of_cgroup
 from sidecar.agent.attestors.k8s_kubelet import KubeletClient, KubeletError, parse_pods_url
 from sidecar.agent.attestors.k8s_pods import PodList
@@ -237,7 +237,7 @@ class K8sAttestor:
         except OSError as err:
             raise WorkloadAttestationError(f"cannot open the /proc directory of process {pid}: {err.strerror}") from err
         try:
-            data = _read_cgroup(pid, dir_fd)
+            data = read_proc_file(pid, "cgroup", dir_fd, limit=_CGROUP_LIMIT)
             # After the read: a process that exited before it cannot be read through dir_fd any more,
             # so a matching start time means the cgroup read was the caller's.
             stat = read_stat(pid, dir_fd=dir_fd)
@@ -273,25 +273,3 @@ class K8sAttestor:
                 extra={"count": len(pods.skipped), "first": pods.skipped[0]},
             )
         return pods
-
-
-def _read_cgroup(pid: int, dir_fd: int) -> bytes:
-    try:
-        fd = os.open("cgroup", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except (FileNotFoundError, ProcessLookupError) as err:
-        raise WorkloadAttestationError(f"process {pid} has exited") from err
-    except OSError as err:
-        raise WorkloadAttestationError(f"cannot read the cgroup of process {pid}: {err.strerror}") from err
-    try:
-        chunks: list[bytes] = []
-        size = 0
-        while size < _CGROUP_LIMIT and (chunk := os.read(fd, _CGROUP_LIMIT - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    except ProcessLookupError as err:
-        raise WorkloadAttestationError(f"process {pid} has exited") from err
-    except OSError as err:
-        raise WorkloadAttestationError(f"cannot read the cgroup of process {pid}: {err.strerror}") from err
-    finally:
-        os.close(fd)

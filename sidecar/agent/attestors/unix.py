@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeAlias
 
-from sidecar.agent.attestors.base import PROC_ROOT, Caller, WorkloadAttestationError, read_stat
+from sidecar.agent.attestors.base import PROC_ROOT, Caller, WorkloadAttestationError, read_proc_file, read_stat
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ NAME_CACHE_SIZE: Final = 4096
 DIGEST_CACHE_SIZE: Final = 1024
 DIGEST_SETTLE: Final = 2.0
 _STATUS_LIMIT: Final = 1 << 20  # /proc/<pid>/status is ~1.5 KiB, but 65,536 supplementary groups take ~450 KiB
-_READ_SIZE: Final = 16 * 1024
 _GROUPS_PREFIX: Final = b"Groups:"
 
 FileKey: TypeAlias = tuple[int, int, int, int, int]
@@ -307,7 +306,7 @@ class UnixAttestor:
             )
 
     def _supplementary_groups(self, pid: int, dir_fd: int) -> tuple[int, ...]:
-        status = _read_proc_file(pid, "status", dir_fd)
+        status = read_proc_file(pid, "status", dir_fd, limit=_STATUS_LIMIT)
         try:
             return parse_groups(status)
         except ValueError as err:
@@ -353,29 +352,6 @@ def _name(cache: NameCache, key: int, may_block: bool) -> str | None:
         return cache.cached(key)
     except KeyError:
         raise _WouldBlock from None
-
-
-def _read_proc_file(pid: int, name: str, dir_fd: int) -> bytes:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except (FileNotFoundError, ProcessLookupError) as err:
-        raise WorkloadAttestationError(f"process {pid} has exited") from err
-    except OSError as err:
-        raise WorkloadAttestationError(f"cannot read the {name} of process {pid}: {err.strerror}") from err
-    try:
-        # Plain reads into a small buffer: a buffered file.read(limit) would allocate the whole limit.
-        chunks: list[bytes] = []
-        size = 0
-        while size < _STATUS_LIMIT and (chunk := os.read(fd, min(_READ_SIZE, _STATUS_LIMIT - size))):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    except ProcessLookupError as err:
-        raise WorkloadAttestationError(f"process {pid} has exited") from err
-    except OSError as err:
-        raise WorkloadAttestationError(f"cannot read the {name} of process {pid}: {err.strerror}") from err
-    finally:
-        os.close(fd)
 
 
 def _user_name(uid: int) -> str | None:
