@@ -31,41 +31,12 @@ from tests.deploy.support import ENVOY_DIR, load_renderer
 from tests.sidecar.workload.support import CallerBox, FakeIdentities, StaticAttestor
 from tests.support.ca import TestCA
 from tests.support.envoy import EnvoyProcess, start_envoy
+from tests.support.httpapp import HTTPApp
 
 render = load_renderer()
 
 WEB: Final = "spiffe://example.org/web"
 OTHER: Final = "spiffe://example.org/backend"
-
-
-class EchoXFCC:
-    """An HTTP/1.1 app: answers each request with the x-forwarded-client-cert header it got, and closes."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")[1:]
-            body = b"".join(
-                line.partition(":")[2].strip().encode()
-                for line in lines
-                if line.lower().startswith("x-forwarded-client-cert:")
-            )
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-        writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 async def http_get(port: int) -> tuple[int, bytes]:
@@ -155,7 +126,7 @@ async def sidecars(tmp_path: Path, short_dir: Path) -> AsyncIterator[Sidecars]:
 
 
 async def test_inbound_and_outbound_sidecars_end_to_end(sidecars: Sidecars) -> None:
-    app = EchoXFCC()
+    app = HTTPApp()
     app_port = await app.start()
     envoys: list[EnvoyProcess] = []
     try:

@@ -41,7 +41,7 @@ from sidecar.sds.service import SecretDiscoveryService, add_to_server
 from spiffecore import TrustDomain
 from spiffeops.config import ConfigError
 from tests.deploy.support import ENVOY_DIR, load_renderer
-from tests.deploy.test_envoy_e2e import EchoXFCC, http_get, is_live, mtls_attempt
+from tests.deploy.test_envoy_e2e import http_get, is_live, mtls_attempt
 from tests.sidecar.workload.support import CallerBox, FakeIdentities, StaticAttestor
 from tests.support.agent import (
     AgentProcess,
@@ -57,6 +57,7 @@ from tests.support.agent import (
 from tests.support.agent import http_get as http_get_status
 from tests.support.ca import TestCA
 from tests.support.envoy import SECRET_TYPE, EnvoyProcess, linked_binary, sds_cluster, start_envoy
+from tests.support.httpapp import HTTPApp
 from tests.support.server import ServerProcess, running_server
 
 TD: Final = "example.org"
@@ -360,7 +361,7 @@ async def test_istio_proxies_get_default_and_rootca_from_the_istio_socket(node: 
     assert stat.S_ISSOCK(node.istio_socket.stat().st_mode)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o755, "the socket's directory is created 0755"
 
-    app = EchoXFCC()
+    app = HTTPApp()
     app_port = await app.start()
     envoys: list[EnvoyProcess] = []
     try:
@@ -462,7 +463,7 @@ async def federated_sds() -> AsyncIterator[tuple[FakeIdentities, Path]]:
 
 async def test_rootca_carries_federated_bundles(federated_sds: tuple[FakeIdentities, Path], tmp_path: Path) -> None:
     identities, socket = federated_sds
-    app = EchoXFCC()
+    app = HTTPApp()
     app_port = await app.start()
     envoy = await start_istio_envoy(
         "federated", server_bootstrap(socket, app_port, [TD, "partner.org"]), tmp_path / f"envoy-{os.getpid()}"

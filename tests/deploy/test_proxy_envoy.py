@@ -40,6 +40,7 @@ from tests.deploy.support import ENVOY_DIR, load_renderer
 from tests.sidecar.proxy.processes import ProxyProcess, python_at, start_proxy
 from tests.support.agent import AgentProcess, remove_socket_dir, running_agent, socket_dir, write_roots
 from tests.support.envoy import EnvoyProcess, linked_binary, start_envoy
+from tests.support.httpapp import HTTPApp
 from tests.support.server import ServerProcess, running_server
 
 render = load_renderer()
@@ -52,42 +53,6 @@ LEGACY_CLIENT: Final = f"{TD}/legacy/client"  # the client-mode proxy of a legac
 LEGACY_DB: Final = f"{TD}/legacy/db"  # the server-mode proxy in front of a legacy service
 REQUEST_TIMEOUT: Final = 10.0
 LEGACY_ANSWER: Final = b"hello from the legacy service"
-
-
-class HTTPApp:
-    """A plaintext HTTP/1.1 app: answers every request with ``body`` (or, with ``xfcc``, the
-    ``x-forwarded-client-cert`` header it got) and closes; counts the requests."""
-
-    def __init__(self, *, xfcc: bool) -> None:
-        self.xfcc = xfcc
-        self.requests = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.requests += 1
-            body = LEGACY_ANSWER
-            if self.xfcc:
-                lines = head.decode("latin-1").split("\r\n")[1:]
-                body = b"".join(
-                    line.partition(":")[2].strip().encode()
-                    for line in lines
-                    if line.lower().startswith("x-forwarded-client-cert:")
-                )
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-        writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 async def http_get(host: str, port: int) -> bytes:
@@ -219,7 +184,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 
 async def test_proxy_client_mode_to_envoy_inbound_and_envoy_outbound_to_proxy_server_mode(node: Node) -> None:
-    web_app, legacy = HTTPApp(xfcc=True), HTTPApp(xfcc=False)
+    web_app, legacy = HTTPApp(), HTTPApp(LEGACY_ANSWER)
     web_port, legacy_port = await web_app.start(), await legacy.start()
     try:
         inbound, db_proxy = await asyncio.gather(

@@ -38,6 +38,7 @@ from tests.sidecar.proxy.processes import start_proxy
 from tests.support.agent import AgentProcess, free_port, remove_socket_dir, socket_dir, start_agent
 from tests.support.ca import TestCA
 from tests.support.envoy import EnvoyProcess, start_envoy
+from tests.support.httpapp import HTTPApp
 from tests.support.server import ServerProcess, running_server, start_server
 
 A: Final = "a.example"
@@ -305,34 +306,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, *, timeout
     return time.monotonic() - started
 
 
-class EchoXFCC:
-    """An HTTP/1.1 app: answers each request with the x-forwarded-client-cert header it got, and closes."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")[1:]
-            xfcc = [
-                line.partition(":")[2].strip() for line in lines if line.lower().startswith("x-forwarded-client-cert:")
-            ]
-            body = "".join(xfcc).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-        writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
 async def http_get(port: int, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     """One request (over TLS with ``context``); the status and the body, or (0, b"") when refused."""
     try:
@@ -377,8 +350,8 @@ def stack() -> Iterator[contextlib.ExitStack]:
 
 
 @pytest.fixture
-async def app() -> AsyncIterator[tuple[EchoXFCC, int]]:
-    echo = EchoXFCC()
+async def app() -> AsyncIterator[tuple[HTTPApp, int]]:
+    echo = HTTPApp()
     port = await echo.start()
     yield echo, port
     await echo.close()
@@ -397,7 +370,7 @@ def is_live(envoy: EnvoyProcess) -> bool:
 
 
 async def test_two_trust_domains_federate_and_stop_when_a_relationship_is_deleted(
-    tmp_path: Path, sockets: Path, stack: contextlib.ExitStack, app: tuple[EchoXFCC, int]
+    tmp_path: Path, sockets: Path, stack: contextlib.ExitStack, app: tuple[HTTPApp, int]
 ) -> None:
     _, app_port = app
     a = start_domain(A, tmp_path / "a")
