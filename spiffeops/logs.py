@@ -15,13 +15,14 @@ printed: the handler's :class:`RedactSecrets` filter replaces their values with 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import sys
+import time
 import traceback
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Final, Literal, TextIO
 
 __all__ = [
@@ -63,6 +64,9 @@ _NAME_PARTS: Final = re.compile(r"[_.\-]")
 # Keys the JSON formatter writes itself; an extra field with one of these names is renamed.
 _JSON_RESERVED: Final = frozenset({"time", "level", "logger", "msg", "error", "traceback", "stack"})
 
+# One encoder for every record: ``json.dumps`` with options builds a new one per call.
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=str)
+
 _TEXT_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_.\-]+")
 _ESCAPES: Final[Mapping[str, str]] = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -75,6 +79,7 @@ def parse_level(name: str) -> int:
     return level
 
 
+@functools.lru_cache(maxsize=1024)  # a program logs a few dozen field names, over and over
 def is_secret_field(name: str) -> bool:
     """Whether a field of this name holds a secret and must never be printed.
 
@@ -109,9 +114,18 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.fromtimestamp(record.created, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond // 1000:03d}Z"
+    # Formatted once per second, not once per record: a busy proxy logs every connection.
+    second = int(record.created // 1)
+    micros = round((record.created - second) * 1_000_000)  # as datetime.fromtimestamp rounds
+    if micros >= 1_000_000:
+        second, micros = second + 1, 0
+    return f"{_second(second)}.{micros // 1000:03d}Z"
 
 
 def _error(record: logging.LogRecord) -> str | None:
@@ -155,7 +169,7 @@ class JSONFormatter(logging.Formatter):
         if record.stack_info:
             payload["stack"] = record.stack_info
         try:
-            return json.dumps(payload, ensure_ascii=False, allow_nan=False, default=str)
+            return _JSON.encode(payload)
         except (TypeError, ValueError):  # NaN, a circular value, a dict with tuple keys, ...
             safe = {name: _json_safe(value) for name, value in payload.items()}
             return json.dumps(safe, ensure_ascii=False, allow_nan=False, default=str)

@@ -231,14 +231,20 @@ class TLSSide(asyncio.BufferedProtocol):
         raise SSL.WantReadError  # SSL_ERROR_NONE: nothing to read now
 
     def _do_handshake(self) -> None:
-        try:
-            self.conn.do_handshake()
-        except SSL.WantReadError:
-            self.flush()
-            return
-        except SSL.Error as err:
-            self.flush()  # the alert, if OpenSSL made one
-            self._fail(self.check.error or f"tls: handshake failed ({_ssl_reason(err)})")
+        # SSL_do_handshake itself: pyOpenSSL's do_handshake raises WantReadError for every flight
+        # the peer has not sent yet (twice per connection). Failures still go through pyOpenSSL,
+        # for its exception and OpenSSL's reasons.
+        result = lib.SSL_do_handshake(self.ssl)
+        if result <= 0:
+            self.flush()  # the next flight, or the alert if OpenSSL made one
+            if ssl_get_error(self.ssl, result) == SSL_ERROR_WANT_READ:
+                return
+            try:
+                self.conn._raise_ssl_error(self.ssl, result)
+            except SSL.Error as err:
+                self._fail(self.check.error or f"tls: handshake failed ({_ssl_reason(err)})")
+                return
+            self._fail(self.check.error or "tls: handshake failed")  # pragma: no cover - OpenSSL said no error
             return
         self.flush()
         if self._timer is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import cast
 
 from sidecar.proxy.address import Address, check_plaintext
@@ -119,6 +118,11 @@ class ProxyServer(Listener):
         if self.metrics is not None:
             self.metrics.connection_closed()
 
+    def _count_bytes(self, relay: Relay) -> None:
+        assert self.metrics is not None
+        self.metrics.add_bytes(Direction.TO_UPSTREAM, relay.from_tls)
+        self.metrics.add_bytes(Direction.TO_DOWNSTREAM, relay.to_tls)
+
     def _abort(self, connection: object) -> None:
         assert isinstance(connection, TLSSide)
         if connection.relay is not None:
@@ -141,9 +145,10 @@ class ProxyServer(Listener):
         if self.metrics is not None:
             self.metrics.handshake_ok()
         peer = str(verified.id)
-        relay = Relay(timeouts=self.timeouts, label=f"{_peer(side)} {peer}")
+        address = _peer(side)
+        relay = Relay(timeouts=self.timeouts, label=f"{address} {peer}")
         if self.metrics is not None:
-            relay.on_done = _count_bytes(self.metrics)
+            relay.on_done = self._count_bytes
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeouts.connect):
@@ -158,7 +163,7 @@ class ProxyServer(Listener):
             _log.error(
                 "could not connect to the upstream",
                 extra={
-                    "peer_address": _peer(side),
+                    "peer_address": address,
                     "spiffe_id": peer,
                     "upstream": str(self.upstream),
                     "reason": reason,
@@ -167,7 +172,7 @@ class ProxyServer(Listener):
             if side.transport is not None:
                 side.transport.abort()
             return
-        _log.info("connection accepted", extra={"peer_address": _peer(side), "spiffe_id": peer})
+        _log.info("connection accepted", extra={"peer_address": address, "spiffe_id": peer})
         if side.transport is None or side.transport.is_closing():
             relay.abort("peer left before the upstream connected")
             return
@@ -191,14 +196,6 @@ def proxy_header(side: TLSSide, peer_id: SpiffeID) -> bytes:
     except ProxyProtocolError:
         pass
     return encode(None, None, tlvs=tlvs)  # a unix listener, or an address that cannot be encoded: LOCAL
-
-
-def _count_bytes(metrics: ProxyMetrics) -> Callable[[Relay], None]:
-    def done(relay: Relay) -> None:
-        metrics.add_bytes(Direction.TO_UPSTREAM, relay.from_tls)
-        metrics.add_bytes(Direction.TO_DOWNSTREAM, relay.to_tls)
-
-    return done
 
 
 def _peer(side: TLSSide) -> str:
