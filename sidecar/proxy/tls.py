@@ -176,6 +176,8 @@ class _Snapshot:
 
     def _verify(self, ok: int, store: Any) -> int:
         """OpenSSL's verify callback: 1 to go on, 0 (with an X.509 error set) to refuse."""
+        if ok and lib.X509_STORE_CTX_get_error_depth(store) != 0:
+            return 1  # the leaf is the last certificate OpenSSL calls back for
         ssl = lib.X509_STORE_CTX_get_ex_data(store, _SSL_INDEX)
         check: PeerCheck = SSL.Connection._reverse_mapping[ssl].get_app_data()
         if not ok:  # OpenSSL refused the chain, with its own error and alert
@@ -183,8 +185,6 @@ class _Snapshot:
                 check.error = f"x509: {x509_error(lib.X509_STORE_CTX_get_error(store))}"
             check.leaf = _leaf(store)
             return 0
-        if lib.X509_STORE_CTX_get_error_depth(store) != 0:
-            return 1  # the leaf is the last certificate OpenSSL calls back for
         check.error = CALLBACK_FAILED  # stays if what follows raises (cffi then returns 0)
         try:
             verified = self._verified(store)
