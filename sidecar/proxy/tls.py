@@ -32,9 +32,10 @@ like a bug in the server. Ours sets the error, and OpenSSL turns it into the ale
   word, but no X.509 error maps to it in OpenSSL; ``handshake_failure``
   (``X509_V_ERR_APPLICATION_VERIFICATION``) is what a client also sees when no cipher suite or
   version is shared, and would send its operator looking at the wrong thing. ``bad_certificate``
-  is what Envoy sends when a certificate fails its SAN match and what Go's TLS (ghostunnel) sends
-  when ``VerifyPeerCertificate`` refuses, so a client sees the same alert whichever SPIFFE proxy
-  refuses it. The reason itself is logged by the proxy, never sent.
+  points at the client's certificate, and is what Go's TLS (ghostunnel) sends when its
+  ``VerifyPeerCertificate`` refuses. (Envoy 1.40 sends ``certificate_unknown`` for a certificate
+  that fails its SAN match, which OpenSSL only sends for an X.509 error it has no alert for.)
+  The reason itself is logged by the proxy, never sent.
 
 An exception that escapes the callback (a bug) is logged; the callback then returns 0 with no
 error set, so the peer gets ``internal_error``, which is then the truth, and the connection's
