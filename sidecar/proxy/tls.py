@@ -47,8 +47,10 @@ before (the same trust bundles, so the same answer while every certificate in it
 validity period); only a new chain is parsed and verified in Python.
 
 Contexts: TLS 1.2 and 1.3 only, AEAD suites with forward secrecy only (TLS 1.3's are all AEAD),
-no compression, no renegotiation, no session tickets or session cache (a resumed session would
-skip the verify callback; tickets can come later, with verification of the resumed peer).
+no compression, no renegotiation, no resumption: no stateless tickets and no session cache (a
+resumed session would skip the verify callback; tickets can come later, with verification of the
+resumed peer). OpenSSL still sends two stateful TLS 1.3 tickets per handshake, which nothing here
+can redeem; only ``SSL_CTX_set_num_tickets`` turns them off, and the binding does not have it.
 
 Rotation: each new connection takes the context of the source's current SVID and bundles; when
 either object changes a new context is built (once) and replaces the old one. Connections made

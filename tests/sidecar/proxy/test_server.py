@@ -22,7 +22,7 @@ from sidecar.proxy.policy import Policy
 from sidecar.proxy.relay import Timeouts
 from sidecar.proxy.server import ProxyServer
 from sidecar.proxy.tls import CALLBACK_FAILED, ProxyTLS
-from spiffecore import SpiffeID
+from spiffecore import AuthorizationError, SpiffeID
 from tests.sidecar.proxy.support import EchoUpstream, FedSource, context_of, echo_once, tls_client
 from tests.support.ca import NOW, TestCA
 
@@ -264,6 +264,31 @@ async def test_a_bug_in_the_verify_callback_refuses_the_peer_and_is_logged(
     # The server is unharmed: with a working authorizer again, the next peer gets through.
     rig.server.tls.authorizer = Policy.from_rules(allow_id=[f"spiffe://example.org{ALLOWED}"]).authorizer()
     assert await asyncio.to_thread(echo_once, rig.address, rig.client(), b"after the bug") == b"after the bug"
+
+
+class _AllowsOnce:
+    """An authorizer that allows its first peer and refuses every later one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, peer: SpiffeID) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            raise AuthorizationError(peer, "allowed once already")
+
+
+async def test_a_remembered_chain_is_not_verified_again_but_is_authorized_every_time(rig: Rig) -> None:
+    authorizer = _AllowsOnce()
+    rig.server.tls.authorizer = authorizer
+    context = rig.client()
+    assert await asyncio.to_thread(echo_once, rig.address, context, b"first") == b"first"
+    alert = await asyncio.to_thread(_alert, rig.address, context, ssl.TLSVersion.TLSv1_3)
+    assert alert == "SSLV3_ALERT_BAD_CERTIFICATE"
+    assert authorizer.calls == 2
+    # The second handshake found the chain among those the context verified: no second SPIFFE
+    # verification (the shared cache was asked once, and missed).
+    assert (rig.server.tls.cache.misses, rig.server.tls.cache.hits) == (1, 0)
 
 
 async def test_other_trust_domain_in_the_bundle_set_is_verified_against_its_own_bundle(rig: Rig) -> None:
