@@ -8,7 +8,9 @@ agent serves are what the file said.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,8 +169,24 @@ async def refused(agent: AgentProcess, name: str) -> tuple[grpc.StatusCode, str]
     return caught.value.code(), caught.value.details() or ""
 
 
+async def fetch_once_issued(agent: AgentProcess, *names: str, timeout: float = 30.0) -> dict[str, Any]:
+    """:func:`fetch`, asked again while the agent has not yet received the caller's entry (the
+    ready line comes before the first snapshot; Envoy retries the same way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await fetch(agent, *names)
+        except grpc.aio.AioRpcError as err:
+            issued_yet = err.code() is not grpc.StatusCode.PERMISSION_DENIED or "no identity issued" not in (
+                err.details() or ""
+            )
+            if issued_yet or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
 async def test_the_agent_serves_the_names_and_form_its_config_says(configured_agent: AgentProcess) -> None:
-    secrets = await fetch(configured_agent, "my-svid", "my-roots")
+    secrets = await fetch_once_issued(configured_agent, "my-svid", "my-roots")
     assert secrets["my-svid"].tls_certificate.certificate_chain.inline_bytes.startswith(b"-----BEGIN CERTIFICATE")
     roots = secrets["my-roots"].validation_context
     assert roots.trusted_ca.inline_bytes.startswith(b"-----BEGIN CERTIFICATE")  # validator disabled: trusted_ca
