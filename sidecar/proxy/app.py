@@ -52,7 +52,7 @@ from spiffecore import SpiffeError
 from spiffeops.lifecycle import wait_for_shutdown_signal
 from spiffeops.status import StatusServer
 
-__all__ = ["OpenWorkloadSource", "ProxyApp", "ProxyConfig", "UpstreamProbe"]
+__all__ = ["OpenWorkloadSource", "ProxyApp", "ProxyConfig", "UpstreamProbe", "start_status"]
 
 IDENTITY_TIMEOUT: Final = 30.0
 PROBE_TIMEOUT: Final = 0.5
@@ -180,6 +180,20 @@ class UpstreamProbe:
         except OSError:
             return False
         return True
+
+
+def start_status(
+    address: tuple[str, int], readiness: Callable[[], tuple[bool, str]], registry: CollectorRegistry
+) -> StatusServer:
+    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` at ``--status``; a taken or bad address is a
+    :class:`ProxyConfigError` naming it."""
+    host, port = address
+    status = StatusServer(host, port, readiness=readiness, registry=registry)
+    try:
+        status.start()
+    except OSError as err:
+        raise ProxyConfigError(f"cannot serve --status ({err.strerror or err})", f"{host}:{port}") from err
+    return status
 
 
 class ProxyApp:
@@ -314,13 +328,7 @@ class ProxyApp:
                 loaded = False
             return readiness(loaded, probe())
 
-        host, port = self.config.status
-        status = StatusServer(host, port, readiness=ready, registry=self.registry)
-        try:
-            status.start()
-        except OSError as err:
-            raise ProxyConfigError(f"cannot serve --status ({err.strerror or err})", f"{host}:{port}") from err
-        return status
+        return start_status(self.config.status, ready, self.registry)
 
     async def _follow(self, source: X509Source) -> None:
         """Count identity rotations and keep the expiry gauge current."""

@@ -49,8 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from sidecar.proxy.address import Address
-from sidecar.proxy.app import ProxyConfig, UpstreamProbe
-from sidecar.proxy.errors import ProxyConfigError
+from sidecar.proxy.app import ProxyConfig, UpstreamProbe, start_status
 from spiffeops.status import StatusServer
 
 __all__ = ["Supervisor", "WorkerFields", "die_with_parent", "worker_argv"]
@@ -377,13 +376,7 @@ class Supervisor:
                 return False, "not ready: " + "; ".join(problems)
             return True, "ready"
 
-        host, port = self.config.status
-        status = StatusServer(host, port, readiness=ready, registry=self.registry)
-        try:
-            status.start()
-        except OSError as err:
-            raise ProxyConfigError(f"cannot serve --status ({err.strerror or err})", f"{host}:{port}") from err
-        return status
+        return start_status(self.config.status, ready, self.registry)
 
 
 def _reserve(listen: Address) -> socket.socket:
